@@ -1,0 +1,495 @@
+//! The client's protocol logic as a sans-IO state machine.
+//!
+//! # Driving contract
+//!
+//! - [`Client::submit`] starts a command when [`Client::is_ready`]; one request is outstanding
+//!   at a time, so the shell queues further commands until the client is ready again.
+//! - [`Client::handle`] feeds each datagram received (with its source; anything not from the
+//!   server is ignored), [`Client::handle_timeout`] fires retransmissions, give-ups and
+//!   keepalive pings once [`Client::poll_timeout`] has passed (early calls are no-ops).
+//! - [`Client::poll_transmit`] drains datagrams for the server; [`Client::poll_event`] drains
+//!   what the user should see: finished commands, errors, pushed messages.
+//!
+//! `now` never goes backwards. Nothing here reads a clock or touches a socket.
+//!
+//! # States
+//!
+//! [`State::Ready`] → (submit or keepalive) → [`State::Awaiting`] → (matching reply, or give-up
+//! after `request_max_tries`) → `Ready`. A reply whose id is not the outstanding one (late, or a
+//! duplicate) is ignored. Every transition goes through `set_state`, which logs it at debug.
+
+mod push;
+
+use crate::command::Command;
+use crate::config::ClientConfig;
+use crate::proto::{
+    self, ClientMsg, ErrorCode, Message, Relation, Request, RequestBody, Response, ServerMsg, Token,
+};
+use crate::rtt::RttEstimator;
+use log::{debug, trace};
+use push::{PushOutcome, PushReceiver};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// What a finished command produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Done {
+    Registered {
+        user: String,
+    },
+    LoggedIn {
+        user: String,
+        missed: u32,
+        catching_up: u32,
+    },
+    LoggedOut,
+    Subscribed {
+        user: String,
+    },
+    Unsubscribed {
+        user: String,
+    },
+    Posted {
+        id: u64,
+        recipients: u32,
+    },
+    Sent {
+        id: u64,
+        to: String,
+    },
+    /// Oldest first.
+    Messages(Vec<Message>),
+    Users(Vec<String>),
+    Pong {
+        rtt: Duration,
+    },
+    Me {
+        user: String,
+        sessions: u32,
+    },
+    Relations(Vec<Relation>),
+    Deleted,
+}
+
+/// Something the user should see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A command succeeded.
+    Done(Done),
+    /// The server refused a command.
+    Failed { command: &'static str, error: ErrorCode },
+    /// No reply after all tries.
+    NoAnswer { command: &'static str, server: SocketAddr, tries: u32 },
+    /// The server speaks another protocol version.
+    VersionMismatch { command: &'static str, server_version: u8 },
+    /// A message pushed by the server, in order, once.
+    Push(Message),
+    /// A keepalive found the session gone (expired or revoked); the user must log in again.
+    SessionLost { error: ErrorCode },
+}
+
+/// The client's states; see the module docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Ready,
+    /// A request is outstanding.
+    Awaiting,
+}
+
+/// A command in progress (multi-page commands accumulate here).
+#[derive(Debug)]
+enum Op {
+    Register { user: String },
+    Login { user: String },
+    Logout,
+    Subscribe { user: String },
+    Unsubscribe { user: String },
+    Post,
+    Send { to: String },
+    Retrieve { count: u32, got: Vec<Message> },
+    Users { pattern: String, got: Vec<String> },
+    WhoAmI,
+    Subscriptions { got: Vec<Relation> },
+    Delete,
+    Ping { user_asked: bool },
+}
+
+impl Op {
+    fn name(&self) -> &'static str {
+        match self {
+            Op::Register { .. } => "register",
+            Op::Login { .. } => "login",
+            Op::Logout => "logout",
+            Op::Subscribe { .. } => "subscribe",
+            Op::Unsubscribe { .. } => "unsubscribe",
+            Op::Post => "post",
+            Op::Send { .. } => "send",
+            Op::Retrieve { .. } => "retrieve",
+            Op::Users { .. } => "users",
+            Op::WhoAmI => "whoami",
+            Op::Subscriptions { .. } => "subscriptions",
+            Op::Delete => "delete",
+            Op::Ping { .. } => "ping",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pending {
+    op: Op,
+    id: u64,
+    bytes: Vec<u8>,
+    /// When the current request (page) was first sent; for the RTT sample.
+    first_sent: Instant,
+    /// When the command started; for the user-visible ping time.
+    started: Instant,
+    tries: u32,
+    deadline: Instant,
+}
+
+/// Why `submit` refused a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitError {
+    /// A request is outstanding; submit again when `is_ready`.
+    NotReady,
+    /// `help` and `quit` are the shell's business.
+    Local,
+}
+
+/// The client core. See the module documentation for the driving contract.
+pub struct Client {
+    cfg: ClientConfig,
+    server: SocketAddr,
+    state: State,
+    session: Option<(Token, String)>,
+    next_id: u64,
+    rtt: RttEstimator,
+    pending: Option<Pending>,
+    out: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    pushes: PushReceiver,
+    /// Last time we sent anything; a keepalive goes out after `ping_interval` of silence.
+    last_sent: Instant,
+}
+
+impl Client {
+    /// `first_request_id` should be random so that a restarted client reusing its address is
+    /// never mistaken for a retransmission of the previous one's requests.
+    pub fn new(cfg: ClientConfig, server: SocketAddr, first_request_id: u64, now: Instant) -> Self {
+        Client {
+            rtt: RttEstimator::new(cfg.request_rto()),
+            cfg,
+            server,
+            state: State::Ready,
+            session: None,
+            next_id: first_request_id,
+            pending: None,
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            pushes: PushReceiver::default(),
+            last_sent: now,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state == State::Ready
+    }
+
+    /// The logged-in user, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.session.as_ref().map(|(_, u)| u.as_str())
+    }
+
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    /// The current request timeout (before backoff).
+    pub fn rto(&self) -> Duration {
+        self.rtt.rto()
+    }
+
+    fn set_state(&mut self, next: State) {
+        if self.state != next {
+            debug!("client state={:?}=>{:?}", self.state, next);
+            self.state = next;
+        }
+    }
+
+    /// Starts a command.
+    pub fn submit(&mut self, now: Instant, cmd: Command) -> Result<(), SubmitError> {
+        if self.state != State::Ready {
+            return Err(SubmitError::NotReady);
+        }
+        let (op, body) = match cmd {
+            Command::Help | Command::Quit => return Err(SubmitError::Local),
+            Command::Register { user, password } => {
+                (Op::Register { user: user.clone() }, RequestBody::Register { user, password, pad: vec![] })
+            }
+            Command::Login { user, password } => {
+                (Op::Login { user: user.clone() }, RequestBody::Login { user, password, pad: vec![] })
+            }
+            Command::Logout => (Op::Logout, RequestBody::Logout),
+            Command::Subscribe { user } => {
+                (Op::Subscribe { user: user.clone() }, RequestBody::Subscribe { user })
+            }
+            Command::Unsubscribe { user } => {
+                (Op::Unsubscribe { user: user.clone() }, RequestBody::Unsubscribe { user })
+            }
+            Command::Post { text } => (Op::Post, RequestBody::Post { text }),
+            Command::Send { to, text } => (Op::Send { to: to.clone() }, RequestBody::Send { to, text }),
+            Command::Retrieve { count } => {
+                (Op::Retrieve { count, got: Vec::new() }, RequestBody::Retrieve { count, before: None })
+            }
+            Command::Users { pattern } => (
+                Op::Users { pattern: pattern.clone(), got: Vec::new() },
+                RequestBody::ListUsers { pattern, after: None },
+            ),
+            Command::WhoAmI => (Op::WhoAmI, RequestBody::WhoAmI),
+            Command::Subscriptions => {
+                (Op::Subscriptions { got: Vec::new() }, RequestBody::Subscriptions { after: None })
+            }
+            Command::Delete { password } => (Op::Delete, RequestBody::DeleteAccount { password }),
+            Command::Ping => (Op::Ping { user_asked: true }, RequestBody::Ping),
+        };
+        self.start(now, op, body, now);
+        Ok(())
+    }
+
+    /// Sends the (first or next page's) request for `op`.
+    fn start(&mut self, now: Instant, op: Op, body: RequestBody, started: Instant) {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let token = match body {
+            // Login and register never carry an old token.
+            RequestBody::Login { .. } | RequestBody::Register { .. } => None,
+            _ => self.session.as_ref().map(|(t, _)| *t),
+        };
+        let mut req = Request { id, token, body };
+        let mut bytes = proto::encode_client(&ClientMsg::Request(req.clone()));
+        if token.is_none() && bytes.len() < proto::MIN_UNAUTHENTICATED_REQUEST {
+            // Pad requests without a session so the daemon may answer them (anti-amplification).
+            if let RequestBody::Login { pad, .. } | RequestBody::Register { pad, .. } = &mut req.body {
+                *pad = vec![0; proto::MIN_UNAUTHENTICATED_REQUEST - bytes.len()];
+                bytes = proto::encode_client(&ClientMsg::Request(req));
+            }
+        }
+        let deadline = now + self.rtt.backoff(1);
+        trace!("sending {} #{id} ({} bytes)", op.name(), bytes.len());
+        self.out.push_back(bytes.clone());
+        self.last_sent = now;
+        self.pending = Some(Pending { op, id, bytes, first_sent: now, started, tries: 1, deadline });
+        self.set_state(State::Awaiting);
+    }
+
+    /// Feeds one received datagram.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if from != self.server {
+            trace!("ignoring datagram from {from}");
+            return;
+        }
+        let msg = match proto::decode_server(bytes) {
+            Ok(m) => m,
+            Err(proto::DecodeError::Version(v)) => {
+                if let Some(p) = self.pending.take() {
+                    self.events.push_back(Event::VersionMismatch { command: p.op.name(), server_version: v });
+                    self.set_state(State::Ready);
+                }
+                return;
+            }
+            Err(e) => {
+                debug!("undecodable datagram from server: {e}");
+                return;
+            }
+        };
+        match msg {
+            ServerMsg::Push { epoch, seq, message } => self.on_push(epoch, seq, message),
+            ServerMsg::Reply { id, result } => self.on_reply(now, id, result),
+        }
+    }
+
+    fn on_push(&mut self, epoch: u32, seq: u64, message: Message) {
+        let Some((token, _)) = self.session else {
+            // Not logged in (or the login reply is still on its way): without a token we cannot
+            // ack; the server retransmits.
+            return;
+        };
+        match self.pushes.receive(epoch, seq, message) {
+            PushOutcome::Stale => return, // from a previous run of the daemon: nobody to ack
+            PushOutcome::Buffered | PushOutcome::Duplicate => {}
+            PushOutcome::Full => return, // no ack: the server will retransmit
+            PushOutcome::Ready(msgs) => self.events.extend(msgs.into_iter().map(Event::Push)),
+        }
+        // Ack every push we keep, duplicates too: the first ack may have been lost.
+        self.out.push_back(proto::encode_client(&ClientMsg::PushAck { token, seq }));
+    }
+
+    fn on_reply(&mut self, now: Instant, id: u64, result: Result<Response, ErrorCode>) {
+        let Some(p) = self.pending.take_if(|p| p.id == id) else {
+            trace!("ignoring late or duplicate reply #{id}");
+            return;
+        };
+        if p.tries == 1 {
+            self.rtt.sample(now.saturating_duration_since(p.first_sent));
+        }
+        let name = p.op.name();
+        let response = match result {
+            Ok(r) => r,
+            Err(error) => {
+                if matches!(error, ErrorCode::SessionExpired | ErrorCode::NotLoggedIn)
+                    && self.session.is_some()
+                {
+                    self.session = None;
+                    if let Op::Ping { user_asked: false } = p.op {
+                        self.events.push_back(Event::SessionLost { error });
+                        self.set_state(State::Ready);
+                        return;
+                    }
+                }
+                self.events.push_back(Event::Failed { command: name, error });
+                self.set_state(State::Ready);
+                return;
+            }
+        };
+        let done = match (p.op, response) {
+            (Op::Register { user }, Response::Registered) => Done::Registered { user },
+            (Op::Login { user }, Response::LoggedIn { token, missed, catching_up }) => {
+                self.session = Some((token, user.clone()));
+                self.pushes.reset();
+                Done::LoggedIn { user, missed, catching_up }
+            }
+            (Op::Logout, Response::LoggedOut) => {
+                self.session = None;
+                Done::LoggedOut
+            }
+            (Op::Subscribe { user }, Response::Subscribed) => Done::Subscribed { user },
+            (Op::Unsubscribe { user }, Response::Unsubscribed) => Done::Unsubscribed { user },
+            (Op::Post, Response::Posted { id, recipients }) => Done::Posted { id, recipients },
+            (Op::Send { to }, Response::Sent { id }) => Done::Sent { id, to },
+            (Op::Retrieve { count, mut got }, Response::Messages { messages, more }) => {
+                // Pages come newest first; each page is oldest first.
+                let oldest = messages.first().map(|m| m.id);
+                let mut page = messages;
+                page.append(&mut got);
+                let got = page;
+                let left = count.saturating_sub(got.len() as u32);
+                match oldest {
+                    Some(before) if more && left > 0 => {
+                        let body = RequestBody::Retrieve { count: left, before: Some(before) };
+                        self.start(now, Op::Retrieve { count, got }, body, p.started);
+                        return;
+                    }
+                    _ => Done::Messages(got),
+                }
+            }
+            (Op::Users { pattern, mut got }, Response::Users { mut names, next }) => {
+                got.append(&mut names);
+                match next {
+                    Some(after) => {
+                        let body = RequestBody::ListUsers { pattern: pattern.clone(), after: Some(after) };
+                        self.start(now, Op::Users { pattern, got }, body, p.started);
+                        return;
+                    }
+                    None => Done::Users(got),
+                }
+            }
+            (Op::WhoAmI, Response::Me { user, sessions }) => Done::Me { user, sessions },
+            (Op::Subscriptions { mut got }, Response::Relations { mut entries, next }) => {
+                got.append(&mut entries);
+                match next {
+                    Some(after) => {
+                        let body = RequestBody::Subscriptions { after: Some(after) };
+                        self.start(now, Op::Subscriptions { got }, body, p.started);
+                        return;
+                    }
+                    None => Done::Relations(got),
+                }
+            }
+            (Op::Delete, Response::Deleted) => {
+                self.session = None;
+                Done::Deleted
+            }
+            (Op::Ping { user_asked }, Response::Pong) => {
+                if !user_asked {
+                    self.set_state(State::Ready);
+                    return;
+                }
+                Done::Pong { rtt: now.saturating_duration_since(p.started) }
+            }
+            (op, other) => {
+                debug!("reply {other:?} does not fit {}", op.name());
+                self.events.push_back(Event::Failed { command: name, error: ErrorCode::Busy });
+                self.set_state(State::Ready);
+                return;
+            }
+        };
+        self.events.push_back(Event::Done(done));
+        self.set_state(State::Ready);
+    }
+
+    /// Retransmits, gives up, or sends a keepalive, as due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(p) = &mut self.pending {
+            if now < p.deadline {
+                return;
+            }
+            if p.tries >= self.cfg.request_max_tries {
+                let p = self.pending.take().expect("checked");
+                debug!("{} #{}: no answer after {} tries", p.op.name(), p.id, p.tries);
+                if !matches!(p.op, Op::Ping { user_asked: false }) {
+                    self.events.push_back(Event::NoAnswer {
+                        command: p.op.name(),
+                        server: self.server,
+                        tries: p.tries,
+                    });
+                }
+                self.set_state(State::Ready);
+                return;
+            }
+            p.tries += 1;
+            p.deadline = now + self.rtt.backoff(p.tries);
+            debug!(
+                "{} #{}: retransmission {} (next timeout {:?})",
+                p.op.name(),
+                p.id,
+                p.tries,
+                p.deadline - now
+            );
+            self.out.push_back(p.bytes.clone());
+            self.last_sent = now;
+            return;
+        }
+        if self.session.is_some() && now >= self.last_sent + self.ping_interval() {
+            self.start(now, Op::Ping { user_asked: false }, RequestBody::Ping, now);
+        }
+    }
+
+    fn ping_interval(&self) -> Duration {
+        Duration::from_secs(self.cfg.ping_interval_secs)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When `handle_timeout` should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match &self.pending {
+            Some(p) => Some(p.deadline),
+            None if self.session.is_some() => Some(self.last_sent + self.ping_interval()),
+            None => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,203 @@
+//! Client state transitions and timer edges on simulated time.
+
+use super::*;
+use crate::proto::{decode_client, encode_server};
+
+fn addr() -> SocketAddr {
+    "127.0.0.1:7070".parse().unwrap()
+}
+
+fn client(now: Instant) -> Client {
+    let cfg = ClientConfig {
+        request_initial_timeout_ms: 1000,
+        request_min_timeout_ms: 200,
+        request_max_timeout_ms: 8000,
+        request_max_tries: 4,
+        ping_interval_secs: 30,
+        ..ClientConfig::default()
+    };
+    Client::new(cfg, addr(), 100, now)
+}
+
+fn sent(c: &mut Client) -> Vec<ClientMsg> {
+    std::iter::from_fn(|| c.poll_transmit()).map(|b| decode_client(&b).unwrap()).collect()
+}
+
+fn reply(c: &mut Client, now: Instant, id: u64, result: Result<Response, ErrorCode>) {
+    c.handle(now, addr(), &encode_server(&ServerMsg::Reply { id, result }));
+}
+
+fn login(c: &mut Client, now: Instant) -> Token {
+    c.submit(now, Command::Login { user: "alice".into(), password: "pw".into() }).unwrap();
+    let id = match &sent(c)[..] {
+        [ClientMsg::Request(r)] => r.id,
+        other => panic!("{other:?}"),
+    };
+    let token = Token([7; 16]);
+    reply(c, now, id, Ok(Response::LoggedIn { token, missed: 0, catching_up: 0 }));
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Done(Done::LoggedIn { user: "alice".into(), missed: 0, catching_up: 0 }))
+    );
+    token
+}
+
+#[test]
+fn login_is_padded_and_carries_no_token() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    c.submit(t0, Command::Login { user: "a".into(), password: "b".into() }).unwrap();
+    let bytes = c.poll_transmit().unwrap();
+    assert!(bytes.len() >= proto::MIN_UNAUTHENTICATED_REQUEST, "{} bytes", bytes.len());
+    match decode_client(&bytes).unwrap() {
+        ClientMsg::Request(r) => assert_eq!(r.token, None),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn retransmission_timer_edges() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    c.submit(t0, Command::Post { text: "hi".into() }).unwrap();
+    let first = sent(&mut c);
+    assert_eq!(first.len(), 1);
+    assert_eq!(c.state(), State::Awaiting);
+    assert_eq!(c.submit(t0, Command::Logout), Err(SubmitError::NotReady));
+
+    // Nothing before the timeout, a retransmission at it, with the same request.
+    let ms = Duration::from_millis;
+    c.handle_timeout(t0 + ms(999));
+    assert!(sent(&mut c).is_empty());
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(1000)));
+    c.handle_timeout(t0 + ms(1000));
+    assert_eq!(sent(&mut c), first);
+    // Doubled backoff: next at +2000, then +4000.
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(3000)));
+    c.handle_timeout(t0 + ms(2999));
+    assert!(sent(&mut c).is_empty());
+    c.handle_timeout(t0 + ms(3000));
+    assert_eq!(sent(&mut c), first);
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(7000)));
+    c.handle_timeout(t0 + ms(7000));
+    assert_eq!(sent(&mut c), first, "fourth and last try");
+    assert_eq!(c.poll_timeout(), Some(t0 + ms(15000)));
+    // Give-up after the last try: the user hears it and the client is ready again.
+    c.handle_timeout(t0 + ms(14999));
+    assert_eq!(c.poll_event(), None);
+    c.handle_timeout(t0 + ms(15000));
+    assert!(sent(&mut c).is_empty());
+    assert_eq!(c.poll_event(), Some(Event::NoAnswer { command: "post", server: addr(), tries: 4 }));
+    assert!(c.is_ready());
+}
+
+#[test]
+fn late_and_duplicate_replies_are_ignored() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    let _ = login(&mut c, t0);
+    c.submit(t0, Command::Post { text: "one".into() }).unwrap();
+    let id = match &sent(&mut c)[..] {
+        [ClientMsg::Request(r)] => r.id,
+        other => panic!("{other:?}"),
+    };
+    reply(&mut c, t0, id - 1, Ok(Response::LoggedOut));
+    assert_eq!(c.poll_event(), None, "reply to an older request");
+    assert_eq!(c.state(), State::Awaiting);
+    reply(&mut c, t0, id, Ok(Response::Posted { id: 9, recipients: 1 }));
+    reply(&mut c, t0, id, Ok(Response::Posted { id: 9, recipients: 1 }));
+    assert_eq!(c.poll_event(), Some(Event::Done(Done::Posted { id: 9, recipients: 1 })));
+    assert_eq!(c.poll_event(), None, "duplicate reply");
+}
+
+#[test]
+fn rtt_adapts_and_karn_skips_retransmitted() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    c.submit(t0, Command::Ping).unwrap();
+    let ClientMsg::Request(r) = sent(&mut c).remove(0) else { panic!() };
+    reply(&mut c, t0 + Duration::from_millis(40), r.id, Ok(Response::Pong));
+    // SRTT 40, RTTVAR 20: 40 + 80 = 120, floored to 200.
+    assert_eq!(c.rto(), Duration::from_millis(200));
+    c.poll_event();
+    c.submit(t0, Command::Ping).unwrap();
+    let ClientMsg::Request(r) = sent(&mut c).remove(0) else { panic!() };
+    c.handle_timeout(t0 + Duration::from_millis(200));
+    assert_eq!(sent(&mut c).len(), 1);
+    reply(&mut c, t0 + Duration::from_secs(5), r.id, Ok(Response::Pong));
+    assert_eq!(c.rto(), Duration::from_millis(200), "no sample from a retransmitted exchange");
+}
+
+#[test]
+fn pushes_are_acked_shown_once_and_in_order() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    let token = login(&mut c, t0);
+    let m = |id: u64| Message { id, author: "bob".into(), to: None, text: format!("m{id}") };
+    let push = |c: &mut Client, seq: u64, msg: Message| {
+        c.handle(t0, addr(), &encode_server(&ServerMsg::Push { epoch: 1, seq, message: msg }));
+    };
+    push(&mut c, 2, m(12));
+    assert_eq!(sent(&mut c), vec![ClientMsg::PushAck { token, seq: 2 }]);
+    assert_eq!(c.poll_event(), None, "held until 1 arrives");
+    push(&mut c, 1, m(11));
+    push(&mut c, 1, m(11));
+    assert_eq!(
+        sent(&mut c),
+        vec![ClientMsg::PushAck { token, seq: 1 }, ClientMsg::PushAck { token, seq: 1 }],
+        "duplicates are acked again"
+    );
+    assert_eq!(c.poll_event(), Some(Event::Push(m(11))));
+    assert_eq!(c.poll_event(), Some(Event::Push(m(12))));
+    assert_eq!(c.poll_event(), None);
+    // From anyone but the server: ignored.
+    c.handle(
+        t0,
+        "127.0.0.1:9".parse().unwrap(),
+        &encode_server(&ServerMsg::Push { epoch: 1, seq: 3, message: m(13) }),
+    );
+    assert!(sent(&mut c).is_empty());
+}
+
+#[test]
+fn keepalive_and_session_lost() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    let _ = login(&mut c, t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+    c.handle_timeout(t0 + Duration::from_secs(29));
+    assert!(sent(&mut c).is_empty());
+    c.handle_timeout(t0 + Duration::from_secs(30));
+    let ClientMsg::Request(r) = sent(&mut c).remove(0) else { panic!() };
+    assert_eq!(r.body, RequestBody::Ping);
+    reply(&mut c, t0 + Duration::from_secs(30), r.id, Err(ErrorCode::SessionExpired));
+    assert_eq!(c.poll_event(), Some(Event::SessionLost { error: ErrorCode::SessionExpired }));
+    assert_eq!(c.user(), None);
+    assert_eq!(c.poll_timeout(), None, "no keepalive without a session");
+}
+
+#[test]
+fn version_mismatch_fails_the_command() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    c.submit(t0, Command::Ping).unwrap();
+    c.handle(t0, addr(), b"UM\x02");
+    assert_eq!(c.poll_event(), Some(Event::VersionMismatch { command: "ping", server_version: 2 }));
+    assert!(c.is_ready());
+}
+
+#[test]
+fn retrieve_pages_are_joined_oldest_first() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    let _ = login(&mut c, t0);
+    let m = |id: u64| Message { id, author: "bob".into(), to: None, text: format!("m{id}") };
+    c.submit(t0, Command::Retrieve { count: 4 }).unwrap();
+    let ClientMsg::Request(r) = sent(&mut c).remove(0) else { panic!() };
+    assert_eq!(r.body, RequestBody::Retrieve { count: 4, before: None });
+    reply(&mut c, t0, r.id, Ok(Response::Messages { messages: vec![m(7), m(8)], more: true }));
+    let ClientMsg::Request(r) = sent(&mut c).remove(0) else { panic!() };
+    assert_eq!(r.body, RequestBody::Retrieve { count: 2, before: Some(7) });
+    reply(&mut c, t0, r.id, Ok(Response::Messages { messages: vec![m(3), m(5)], more: false }));
+    assert_eq!(c.poll_event(), Some(Event::Done(Done::Messages(vec![m(3), m(5), m(7), m(8)]))));
+}

@@ -1,0 +1,325 @@
+//! `server.toml` and `client.toml`: serde structs, built-in defaults and validation.
+//!
+//! Every key has a default, so an empty (or missing) file is a valid configuration. An unknown
+//! key is an error that names the key and the file; a value out of range is an error that names
+//! the key and the allowed range. The checked-in `server.toml` and `client.toml` list every key
+//! with its default, and a unit test keeps them in step with the defaults here.
+
+use crate::proto;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A configuration problem, reported before anything is bound or opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Storage backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// SQLite database `udpmsg.db` in `data_dir`: durable, the default.
+    Sqlite,
+    /// Everything lives in the daemon's memory and is gone when it stops (tests, experiments).
+    Memory,
+}
+
+/// The daemon's settings. Field docs are the user documentation; `server.toml` repeats them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address and UDP port to listen on, IPv4 (`0.0.0.0:7070`) or IPv6 (`[::]:7070`).
+    pub listen: SocketAddr,
+    /// Directory for the daemon's data files.
+    pub data_dir: PathBuf,
+    /// Storage backend.
+    pub storage: StorageKind,
+    /// Whether anyone may create an account with `register`.
+    pub allow_registration: bool,
+    /// Longest message text in bytes (at most the protocol's 1024).
+    pub max_text_bytes: u32,
+    /// Longest user name (at most 32).
+    pub max_name_len: u32,
+    /// Shortest and longest password in bytes.
+    pub min_password_len: u32,
+    pub max_password_len: u32,
+    /// Largest N for `retrieve#N`.
+    pub max_retrieve: u32,
+    /// Messages kept per inbox; beyond it the oldest go.
+    pub max_inbox: u32,
+    /// Users one user may follow.
+    pub max_subscriptions: u32,
+    /// Concurrent sessions per user and in total.
+    pub max_sessions_per_user: u32,
+    pub max_sessions: u32,
+    /// Messages pushed to a user on login that arrived while they were away (the rest via
+    /// retrieve).
+    pub catch_up_max: u32,
+    /// A session that sends nothing (not even a ping) for this long expires.
+    pub session_idle_timeout_secs: u64,
+    /// A session expires this long after login, however active.
+    pub session_max_lifetime_secs: u64,
+    /// How long replies are kept to answer retransmitted requests without executing them again.
+    pub reply_cache_ttl_secs: u64,
+    /// Most replies kept for requests that carry no session (login, register).
+    pub reply_cache_max_unauthenticated: u32,
+    /// Push retransmission: first timeout before any RTT sample, its floor and cap (RFC 6298).
+    pub push_initial_rto_ms: u64,
+    pub push_min_rto_ms: u64,
+    pub push_max_rto_ms: u64,
+    /// Transmissions of one push before the session is marked unresponsive.
+    pub push_max_tries: u32,
+    /// Unacknowledged pushes in flight per session, and pushes queued behind them.
+    pub push_window: u32,
+    pub push_queue: u32,
+    /// argon2id cost for new password hashes (OWASP defaults).
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    /// Threads that hash and verify passwords off the event loop, and their bounded queue.
+    pub password_workers: u32,
+    pub password_queue: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7070".parse().expect("valid literal"),
+            data_dir: PathBuf::from("./data"),
+            storage: StorageKind::Sqlite,
+            allow_registration: true,
+            max_text_bytes: 1000,
+            max_name_len: 32,
+            min_password_len: 4,
+            max_password_len: 128,
+            max_retrieve: 100,
+            max_inbox: 1000,
+            max_subscriptions: 1000,
+            max_sessions_per_user: 16,
+            max_sessions: 250_000,
+            catch_up_max: 100,
+            session_idle_timeout_secs: 300,
+            session_max_lifetime_secs: 7 * 24 * 3600,
+            reply_cache_ttl_secs: 60,
+            reply_cache_max_unauthenticated: 16_384,
+            push_initial_rto_ms: 1000,
+            push_min_rto_ms: 200,
+            push_max_rto_ms: 10_000,
+            push_max_tries: 8,
+            push_window: 32,
+            push_queue: 1024,
+            argon2_memory_kib: 19_456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            password_workers: 2,
+            password_queue: 256,
+        }
+    }
+}
+
+fn range<T: PartialOrd + fmt::Display + Copy>(key: &str, value: T, lo: T, hi: T) -> Result<(), ConfigError> {
+    if value < lo || value > hi {
+        return Err(ConfigError(format!("invalid value {value} for `{key}`: allowed range is {lo}..={hi}")));
+    }
+    Ok(())
+}
+
+fn ordered(key_lo: &str, lo: u64, key_hi: &str, hi: u64) -> Result<(), ConfigError> {
+    if lo > hi {
+        return Err(ConfigError(format!("`{key_lo}` ({lo}) must not be larger than `{key_hi}` ({hi})")));
+    }
+    Ok(())
+}
+
+impl ServerConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        range("max_text_bytes", self.max_text_bytes, 1, proto::MAX_TEXT_BYTES as u32)?;
+        range("max_name_len", self.max_name_len, 1, proto::MAX_NAME_LEN as u32)?;
+        range("min_password_len", self.min_password_len, 1, proto::MAX_PASSWORD_LEN as u32)?;
+        range("max_password_len", self.max_password_len, 1, proto::MAX_PASSWORD_LEN as u32)?;
+        ordered(
+            "min_password_len",
+            self.min_password_len.into(),
+            "max_password_len",
+            self.max_password_len.into(),
+        )?;
+        range("max_retrieve", self.max_retrieve, 1, 10_000)?;
+        range("max_inbox", self.max_inbox, 1, 1_000_000)?;
+        range("max_subscriptions", self.max_subscriptions, 1, 100_000)?;
+        range("max_sessions_per_user", self.max_sessions_per_user, 1, 1024)?;
+        range("max_sessions", self.max_sessions, 1, 10_000_000)?;
+        range("catch_up_max", self.catch_up_max, 0, 10_000)?;
+        range("session_idle_timeout_secs", self.session_idle_timeout_secs, 5, 30 * 86_400)?;
+        range("session_max_lifetime_secs", self.session_max_lifetime_secs, 60, 365 * 86_400)?;
+        range("reply_cache_ttl_secs", self.reply_cache_ttl_secs, 1, 3600)?;
+        range("reply_cache_max_unauthenticated", self.reply_cache_max_unauthenticated, 16, 10_000_000)?;
+        range("push_initial_rto_ms", self.push_initial_rto_ms, 10, 60_000)?;
+        range("push_min_rto_ms", self.push_min_rto_ms, 1, 60_000)?;
+        range("push_max_rto_ms", self.push_max_rto_ms, 10, 600_000)?;
+        ordered("push_min_rto_ms", self.push_min_rto_ms, "push_max_rto_ms", self.push_max_rto_ms)?;
+        range("push_max_tries", self.push_max_tries, 1, 100)?;
+        range("push_window", self.push_window, 1, 1024)?;
+        range("push_queue", self.push_queue, 0, 1_000_000)?;
+        range("argon2_memory_kib", self.argon2_memory_kib, 8, 4 * 1024 * 1024)?;
+        range("argon2_iterations", self.argon2_iterations, 1, 100)?;
+        range("argon2_parallelism", self.argon2_parallelism, 1, 64)?;
+        range("password_workers", self.password_workers, 1, 256)?;
+        range("password_queue", self.password_queue, 1, 1_000_000)?;
+        Ok(())
+    }
+
+    pub fn session_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.session_idle_timeout_secs)
+    }
+    pub fn session_max_lifetime(&self) -> Duration {
+        Duration::from_secs(self.session_max_lifetime_secs)
+    }
+    pub fn reply_cache_ttl(&self) -> Duration {
+        Duration::from_secs(self.reply_cache_ttl_secs)
+    }
+    pub fn push_rto(&self) -> crate::rtt::RtoConfig {
+        crate::rtt::RtoConfig {
+            initial: Duration::from_millis(self.push_initial_rto_ms),
+            min: Duration::from_millis(self.push_min_rto_ms),
+            max: Duration::from_millis(self.push_max_rto_ms),
+        }
+    }
+}
+
+/// The client's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The daemon's address.
+    pub server: SocketAddr,
+    /// First request timeout before any RTT sample; its floor and cap (RFC 6298 style).
+    pub request_initial_timeout_ms: u64,
+    pub request_min_timeout_ms: u64,
+    pub request_max_timeout_ms: u64,
+    /// Transmissions of one request before giving up.
+    pub request_max_tries: u32,
+    /// Ping the daemon after this much silence while logged in (keeps the session and any NAT
+    /// mapping alive). Must stay well below the daemon's `session_idle_timeout_secs`.
+    pub ping_interval_secs: u64,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            server: "127.0.0.1:7070".parse().expect("valid literal"),
+            request_initial_timeout_ms: 1000,
+            request_min_timeout_ms: 200,
+            request_max_timeout_ms: 8000,
+            request_max_tries: 5,
+            ping_interval_secs: 30,
+        }
+    }
+}
+
+impl ClientConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        range("request_initial_timeout_ms", self.request_initial_timeout_ms, 10, 60_000)?;
+        range("request_min_timeout_ms", self.request_min_timeout_ms, 1, 60_000)?;
+        range("request_max_timeout_ms", self.request_max_timeout_ms, 10, 600_000)?;
+        ordered(
+            "request_min_timeout_ms",
+            self.request_min_timeout_ms,
+            "request_max_timeout_ms",
+            self.request_max_timeout_ms,
+        )?;
+        range("request_max_tries", self.request_max_tries, 1, 100)?;
+        range("ping_interval_secs", self.ping_interval_secs, 1, 86_400)?;
+        Ok(())
+    }
+
+    pub fn request_rto(&self) -> crate::rtt::RtoConfig {
+        crate::rtt::RtoConfig {
+            initial: Duration::from_millis(self.request_initial_timeout_ms),
+            min: Duration::from_millis(self.request_min_timeout_ms),
+            max: Duration::from_millis(self.request_max_timeout_ms),
+        }
+    }
+}
+
+/// Parses a TOML document into a config, naming `origin` (the file) in any error.
+pub fn parse<T: for<'de> Deserialize<'de>>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        // toml's message already names the key ("unknown field `x`", "invalid type ...") and
+        // points at the line; say which file it is about.
+        ConfigError(format!("{origin}: {}", e.to_string().trim_end()))
+    })
+}
+
+/// Loads a config file. `explicit` says whether the user named the file: a missing default
+/// file means "use the built-in defaults", a missing named file is an error.
+pub fn load<T: for<'de> Deserialize<'de> + Default>(path: &Path, explicit: bool) -> Result<T, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &path.display().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(T::default()),
+        Err(e) => Err(ConfigError(format!("{}: cannot read: {e}", path.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        ServerConfig::default().validate().unwrap();
+        ClientConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn checked_in_files_match_defaults() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let server: ServerConfig =
+            parse(&std::fs::read_to_string(format!("{root}/server.toml")).unwrap(), "server.toml").unwrap();
+        assert_eq!(server, ServerConfig::default());
+        let client: ClientConfig =
+            parse(&std::fs::read_to_string(format!("{root}/client.toml")).unwrap(), "client.toml").unwrap();
+        assert_eq!(client, ClientConfig::default());
+        // Every key appears in the file (uncommented), so the sample documents all of them.
+        let table: toml::Table =
+            std::fs::read_to_string(format!("{root}/server.toml")).unwrap().parse().unwrap();
+        let defaults = toml::Table::try_from(ServerConfig::default()).unwrap();
+        assert_eq!(
+            table.keys().collect::<Vec<_>>(),
+            defaults.keys().collect::<Vec<_>>(),
+            "server.toml must list every key"
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_file() {
+        let err = parse::<ServerConfig>("lisen = \"1.2.3.4:5\"", "/etc/x.toml").unwrap_err();
+        assert!(err.0.contains("/etc/x.toml"), "{err}");
+        assert!(err.0.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_names_key_and_range() {
+        let cfg: ServerConfig = parse("max_text_bytes = 5000", "s.toml").unwrap();
+        let err = cfg.validate().unwrap_err();
+        assert!(err.0.contains("max_text_bytes") && err.0.contains("1..=1024"), "{err}");
+        let cfg: ClientConfig = parse("request_max_tries = 0", "c.toml").unwrap();
+        assert!(cfg.validate().unwrap_err().0.contains("request_max_tries"));
+    }
+
+    #[test]
+    fn missing_default_file_means_defaults() {
+        let cfg: ServerConfig = load(Path::new("/nonexistent/server.toml"), false).unwrap();
+        assert_eq!(cfg, ServerConfig::default());
+        assert!(load::<ServerConfig>(Path::new("/nonexistent/server.toml"), true).is_err());
+    }
+}

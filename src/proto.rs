@@ -1,0 +1,658 @@
+//! Wire types and codec for protocol v1.
+//!
+//! # Framing
+//!
+//! One message per UDP datagram. Every datagram starts with a three byte header:
+//!
+//! ```text
+//! +------+------+---------+------------------------------+
+//! | 'U'  | 'M'  | version | postcard body (ClientMsg or  |
+//! |      |      |  (= 1)  | ServerMsg), no trailing data |
+//! +------+------+---------+------------------------------+
+//! ```
+//!
+//! A datagram whose header carries another version is answered by the daemon with a bare header
+//! carrying the daemon's version ([`version_notice`]): three bytes, never more than what it
+//! received, and decodable by a client of any version. Anything else that does not decode gets no
+//! answer at all.
+//!
+//! Every datagram is at most [`MAX_DATAGRAM`] bytes so that IP never fragments it; the text limit
+//! follows from that (see [`MAX_TEXT_BYTES`]).
+//!
+//! The wire types are deliberately non-recursive: postcard has no recursion limit, and a flat
+//! schema bounds the work any datagram can cause.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The first two bytes of every datagram.
+pub const MAGIC: [u8; 2] = *b"UM";
+/// The protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Length of the magic + version header.
+pub const HEADER_LEN: usize = 3;
+/// No datagram, in either direction, is ever larger than this.
+pub const MAX_DATAGRAM: usize = 1200;
+/// Longest user name the protocol allows (a config key may lower it).
+pub const MAX_NAME_LEN: usize = 32;
+/// Longest password the protocol allows (a config key may lower it).
+pub const MAX_PASSWORD_LEN: usize = 128;
+/// Hard upper bound for message text in bytes. With the header, the frame, the push sequence, the
+/// message id, a maximal author and recipient name, the largest frame stays under
+/// [`MAX_DATAGRAM`] (checked by a unit test).
+pub const MAX_TEXT_BYTES: usize = 1024;
+/// Longest wildcard pattern accepted by `ListUsers`.
+pub const MAX_PATTERN_LEN: usize = 64;
+/// Datagrams that carry no session (register, login) must be at least this long. The client
+/// pads them; the daemon drops shorter ones without an answer. Every answer to such a request is
+/// smaller than this, so the daemon can never be used to amplify traffic towards a spoofed
+/// address.
+pub const MIN_UNAUTHENTICATED_REQUEST: usize = 128;
+
+/// A session token: 128 bits from the OS CSPRNG. Its `Debug` never shows the value, so it cannot
+/// leak into logs.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub struct Token(pub [u8; 16]);
+
+/// Hashes the bytes, consistent with the constant-time `Eq` below.
+impl std::hash::Hash for Token {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// Equality is constant time. Map lookups hash with a per-process random key first, so bucket
+/// probing leaks nothing useful either.
+impl PartialEq for Token {
+    fn eq(&self, other: &Token) -> bool {
+        self.ct_eq(other)
+    }
+}
+impl Eq for Token {}
+
+/// Ordering only breaks ties between equal deadlines in the daemon's timer heap.
+impl PartialOrd for Token {
+    fn partial_cmp(&self, other: &Token) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Token {
+    fn cmp(&self, other: &Token) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+impl Token {
+    /// Compares two tokens in constant time (no early exit on the first differing byte).
+    pub fn ct_eq(&self, other: &Token) -> bool {
+        let mut diff = 0u8;
+        for (a, b) in self.0.iter().zip(other.0.iter()) {
+            diff |= a ^ b;
+        }
+        diff == 0
+    }
+
+    /// Hex form, used only for persisted session files and tests; never logged.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Everything a client sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientMsg {
+    /// A request; the daemon answers with a [`ServerMsg::Reply`] carrying the same `id`.
+    Request(Request),
+    /// Acknowledges the push with this per-session sequence number. Never answered.
+    PushAck { token: Token, seq: u64 },
+}
+
+/// A request: the id is chosen by the client and echoed by the reply; a retransmission reuses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub id: u64,
+    pub token: Option<Token>,
+    pub body: RequestBody,
+}
+
+/// The requests of protocol v1.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// Create an account. `pad` brings the datagram to [`MIN_UNAUTHENTICATED_REQUEST`].
+    Register {
+        user: String,
+        password: String,
+        pad: Vec<u8>,
+    },
+    /// Open a session. `pad` as for `Register`.
+    Login {
+        user: String,
+        password: String,
+        pad: Vec<u8>,
+    },
+    /// End the session named by the token.
+    Logout,
+    Subscribe {
+        user: String,
+    },
+    Unsubscribe {
+        user: String,
+    },
+    /// Store `text` and forward it to every logged-in subscriber.
+    Post {
+        text: String,
+    },
+    /// A direct message to one user.
+    Send {
+        to: String,
+        text: String,
+    },
+    /// Up to `count` of the newest inbox messages with an id below `before` (all when `None`).
+    Retrieve {
+        count: u32,
+        before: Option<u64>,
+    },
+    /// Account names matching a `*`/`?` wildcard, in name order, after `after`.
+    ListUsers {
+        pattern: String,
+        after: Option<String>,
+    },
+    /// Keepalive; also tells the daemon the client's current address.
+    Ping,
+    WhoAmI,
+    /// Whom I follow and who follows me, paged by name like `ListUsers`.
+    Subscriptions {
+        after: Option<String>,
+    },
+    /// Delete one's own account (password re-checked).
+    DeleteAccount {
+        password: String,
+    },
+}
+
+impl RequestBody {
+    /// Short name for logs and counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RequestBody::Register { .. } => "register",
+            RequestBody::Login { .. } => "login",
+            RequestBody::Logout => "logout",
+            RequestBody::Subscribe { .. } => "subscribe",
+            RequestBody::Unsubscribe { .. } => "unsubscribe",
+            RequestBody::Post { .. } => "post",
+            RequestBody::Send { .. } => "send",
+            RequestBody::Retrieve { .. } => "retrieve",
+            RequestBody::ListUsers { .. } => "users",
+            RequestBody::Ping => "ping",
+            RequestBody::WhoAmI => "whoami",
+            RequestBody::Subscriptions { .. } => "subscriptions",
+            RequestBody::DeleteAccount { .. } => "delete",
+        }
+    }
+}
+
+/// Everything the daemon sends (apart from the bare [`version_notice`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerMsg {
+    Reply {
+        id: u64,
+        result: Result<Response, ErrorCode>,
+    },
+    /// A forwarded message. `epoch` numbers the daemon's runs (it grows at every start); within
+    /// one epoch, `seq` counts the pushes of one session from 1 without gaps, so the
+    /// client can show them in order and drop duplicates. Acked with [`ClientMsg::PushAck`].
+    Push {
+        epoch: u32,
+        seq: u64,
+        message: Message,
+    },
+}
+
+/// Wire index of [`ServerMsg::Push`]; the push encoder writes it by hand (see [`encode_push`]).
+const SERVER_MSG_PUSH_TAG: u8 = 1;
+
+/// A stored message as the users see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Unique, increasing in posting order across the whole daemon.
+    pub id: u64,
+    pub author: String,
+    /// `Some(recipient)` for a direct message, `None` for a post to subscribers.
+    pub to: Option<String>,
+    pub text: String,
+}
+
+/// Successful answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Registered,
+    /// `missed`: messages that arrived while none of the user's sessions was there to receive
+    /// them; the first `catching_up` of them follow as pushes.
+    LoggedIn {
+        token: Token,
+        missed: u32,
+        catching_up: u32,
+    },
+    LoggedOut,
+    Subscribed,
+    Unsubscribed,
+    Posted {
+        id: u64,
+        recipients: u32,
+    },
+    Sent {
+        id: u64,
+    },
+    /// One page of a retrieve, oldest first; `more` when older messages remain within the count.
+    Messages {
+        messages: Vec<Message>,
+        more: bool,
+    },
+    /// One page of names; `next` is the cursor for the following page (`after`), if any.
+    Users {
+        names: Vec<String>,
+        next: Option<String>,
+    },
+    Pong,
+    Me {
+        user: String,
+        sessions: u32,
+    },
+    /// One page of relations: (name, I follow them, they follow me).
+    Relations {
+        entries: Vec<Relation>,
+        next: Option<String>,
+    },
+    Deleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Relation {
+    pub user: String,
+    pub following: bool,
+    pub follower: bool,
+}
+
+/// Every error the daemon can answer with. Each carries what the user needs to fix the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// Unknown user or wrong password: deliberately one answer for both.
+    BadCredentials,
+    /// The request needs a session and carried none, or an unknown token.
+    NotLoggedIn,
+    /// The token was valid once but the session has expired.
+    SessionExpired,
+    NoSuchUser {
+        user: String,
+    },
+    CannotSubscribeToSelf,
+    AlreadySubscribed {
+        user: String,
+    },
+    NotSubscribed {
+        user: String,
+    },
+    EmptyText,
+    TextTooLong {
+        max: u32,
+    },
+    CountOutOfRange {
+        min: u32,
+        max: u32,
+    },
+    RegistrationClosed,
+    NameTaken {
+        user: String,
+    },
+    InvalidName {
+        max_len: u32,
+    },
+    InvalidPassword {
+        min_len: u32,
+        max_len: u32,
+    },
+    InvalidPattern {
+        max_len: u32,
+    },
+    TooManySubscriptions {
+        max: u32,
+    },
+    TooManySessions {
+        max: u32,
+    },
+    /// The daemon is at capacity for now (e.g. the password queue is full); retry soon.
+    Busy,
+    RateLimited {
+        retry_after_secs: u32,
+    },
+    /// A write could not be made durable; nothing was changed; retry.
+    StorageUnavailable,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use ErrorCode::*;
+        match self {
+            BadCredentials => write!(f, "wrong user name or password"),
+            NotLoggedIn => write!(f, "not logged in: use login#USER&PASSWORD first"),
+            SessionExpired => write!(f, "session expired: log in again"),
+            NoSuchUser { user } => write!(f, "no such user {user}"),
+            CannotSubscribeToSelf => write!(f, "you cannot subscribe to yourself"),
+            AlreadySubscribed { user } => write!(f, "already subscribed to {user}"),
+            NotSubscribed { user } => write!(f, "not subscribed to {user}"),
+            EmptyText => write!(f, "text is empty"),
+            TextTooLong { max } => write!(f, "text too long: at most {max} bytes"),
+            CountOutOfRange { min, max } => {
+                write!(f, "count out of range: must be between {min} and {max}")
+            }
+            RegistrationClosed => write!(f, "registration is closed on this server"),
+            NameTaken { user } => write!(f, "name {user} is taken"),
+            InvalidName { max_len } => {
+                write!(f, "invalid name: 1 to {max_len} characters from A-Z a-z 0-9 _ . -")
+            }
+            InvalidPassword { min_len, max_len } => {
+                write!(f, "invalid password: {min_len} to {max_len} bytes")
+            }
+            InvalidPattern { max_len } => {
+                write!(f, "invalid pattern: up to {max_len} characters of names, * and ?")
+            }
+            TooManySubscriptions { max } => {
+                write!(f, "too many subscriptions: at most {max}")
+            }
+            TooManySessions { max } => write!(f, "too many sessions: at most {max}"),
+            Busy => write!(f, "server busy, retry"),
+            RateLimited { retry_after_secs } => {
+                write!(f, "too many attempts, retry in {retry_after_secs} s")
+            }
+            StorageUnavailable => write!(f, "storage unavailable, retry"),
+        }
+    }
+}
+
+/// Why a datagram could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than the header, or longer than [`MAX_DATAGRAM`].
+    BadLength,
+    BadMagic,
+    /// Well-formed header of another protocol version.
+    Version(u8),
+    /// The body is not a valid message of this version (or has trailing bytes).
+    Body,
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::BadLength => write!(f, "bad datagram length"),
+            DecodeError::BadMagic => write!(f, "bad magic"),
+            DecodeError::Version(v) => write!(f, "protocol version {v}"),
+            DecodeError::Body => write!(f, "undecodable body"),
+        }
+    }
+}
+
+fn check_header(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    if bytes.len() < HEADER_LEN || bytes.len() > MAX_DATAGRAM {
+        return Err(DecodeError::BadLength);
+    }
+    if bytes[..2] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    if bytes[2] != VERSION {
+        return Err(DecodeError::Version(bytes[2]));
+    }
+    Ok(&bytes[HEADER_LEN..])
+}
+
+fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
+    match postcard::take_from_bytes::<T>(body) {
+        Ok((value, [])) => Ok(value),
+        _ => Err(DecodeError::Body),
+    }
+}
+
+/// Appends header + body to `out` (cleared first).
+fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    // Serializing our own wire types into a Vec cannot fail: they contain no maps with
+    // non-string keys and no unsupported types.
+    let body = postcard::to_extend(value, std::mem::take(out)).expect("wire types serialize");
+    *out = body;
+}
+
+pub fn encode_client(msg: &ClientMsg) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    encode_into(msg, &mut out);
+    out
+}
+
+pub fn encode_server(msg: &ServerMsg) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    encode_into(msg, &mut out);
+    out
+}
+
+pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
+    decode_body(check_header(bytes)?)
+}
+
+pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
+    decode_body(check_header(bytes)?)
+}
+
+/// The answer to a datagram of another protocol version: just our header.
+pub fn version_notice() -> Vec<u8> {
+    let mut v = MAGIC.to_vec();
+    v.push(VERSION);
+    v
+}
+
+/// A message encoded once, so that forwarding it to many sessions only copies bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedMessage {
+    pub message: Message,
+    wire: Vec<u8>,
+}
+
+impl EncodedMessage {
+    pub fn new(message: Message) -> Self {
+        let wire = postcard::to_stdvec(&message).expect("wire types serialize");
+        EncodedMessage { message, wire }
+    }
+
+    /// Bytes of the message inside a push or a page.
+    pub fn wire_len(&self) -> usize {
+        self.wire.len()
+    }
+}
+
+/// Encodes `ServerMsg::Push { epoch, seq, message }` into `out` without serializing the message
+/// again.
+/// Produces exactly the bytes `encode_server` would (a unit test holds it to that).
+pub fn encode_push(epoch: u32, seq: u64, msg: &EncodedMessage, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(SERVER_MSG_PUSH_TAG);
+    push_varint(u64::from(epoch), out);
+    push_varint(seq, out);
+    out.extend_from_slice(&msg.wire);
+}
+
+/// postcard's unsigned LEB128 varint.
+fn push_varint(mut v: u64, out: &mut Vec<u8>) {
+    loop {
+        let byte = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Is `name` a valid account name (charset and the protocol's length limit)?
+pub fn valid_name(name: &str, max_len: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max_len.min(MAX_NAME_LEN)
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// Is `pattern` a valid wildcard: name characters plus `*` and `?`.
+pub fn valid_pattern(pattern: &str) -> bool {
+    !pattern.is_empty()
+        && pattern.len() <= MAX_PATTERN_LEN
+        && pattern.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'*' | b'?'))
+}
+
+/// Glob match with `*` (any run, possibly empty) and `?` (one character), linear time with
+/// single-star backtracking, so no pattern can make it blow up.
+pub fn wildcard_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn long(n: usize) -> String {
+        "x".repeat(n)
+    }
+
+    #[test]
+    fn client_round_trip() {
+        let msgs = vec![
+            ClientMsg::Request(Request {
+                id: 7,
+                token: None,
+                body: RequestBody::Login { user: "alice".into(), password: "p&ss".into(), pad: vec![0; 40] },
+            }),
+            ClientMsg::Request(Request {
+                id: u64::MAX,
+                token: Some(Token([9; 16])),
+                body: RequestBody::Post { text: "a#b & c".into() },
+            }),
+            ClientMsg::PushAck { token: Token([1; 16]), seq: 300 },
+        ];
+        for m in msgs {
+            let bytes = encode_client(&m);
+            assert_eq!(&bytes[..3], b"UM\x01");
+            assert_eq!(decode_client(&bytes), Ok(m));
+        }
+    }
+
+    #[test]
+    fn server_round_trip_and_push_encoding_matches() {
+        let message = Message { id: 42, author: "bob".into(), to: None, text: "hi".into() };
+        let enc = EncodedMessage::new(message.clone());
+        for (epoch, seq) in [(1u32, 1u64), (200, 127), (u32::MAX, 128), (7, 1 << 40)] {
+            let mut manual = Vec::new();
+            encode_push(epoch, seq, &enc, &mut manual);
+            let generic = encode_server(&ServerMsg::Push { epoch, seq, message: message.clone() });
+            assert_eq!(manual, generic);
+            assert_eq!(decode_server(&manual), Ok(ServerMsg::Push { epoch, seq, message: message.clone() }));
+        }
+        let reply = ServerMsg::Reply { id: 3, result: Err(ErrorCode::TextTooLong { max: 5 }) };
+        assert_eq!(decode_server(&encode_server(&reply)), Ok(reply));
+    }
+
+    #[test]
+    fn header_checks() {
+        assert_eq!(decode_client(b"UM"), Err(DecodeError::BadLength));
+        assert_eq!(decode_client(b"XX\x01\x00"), Err(DecodeError::BadMagic));
+        assert_eq!(decode_client(b"UM\x02\x00"), Err(DecodeError::Version(2)));
+        assert_eq!(decode_client(b"UM\x01"), Err(DecodeError::Body));
+        assert_eq!(decode_client(&[0u8; MAX_DATAGRAM + 1]), Err(DecodeError::BadLength));
+        // Trailing bytes after a valid body are rejected, so decode/encode round-trips exactly.
+        let mut ok = encode_client(&ClientMsg::PushAck { token: Token([0; 16]), seq: 1 });
+        ok.push(0);
+        assert_eq!(decode_client(&ok), Err(DecodeError::Body));
+        assert_eq!(version_notice(), b"UM\x01");
+    }
+
+    #[test]
+    fn largest_frames_fit_one_datagram() {
+        let name = long(MAX_NAME_LEN);
+        let text = long(MAX_TEXT_BYTES);
+        let message =
+            Message { id: u64::MAX, author: name.clone(), to: Some(name.clone()), text: text.clone() };
+        let push = encode_server(&ServerMsg::Push { epoch: u32::MAX, seq: u64::MAX, message });
+        assert!(push.len() <= MAX_DATAGRAM, "push is {} bytes", push.len());
+        let send = encode_client(&ClientMsg::Request(Request {
+            id: u64::MAX,
+            token: Some(Token([0xff; 16])),
+            body: RequestBody::Send { to: name.clone(), text },
+        }));
+        assert!(send.len() <= MAX_DATAGRAM, "send is {} bytes", send.len());
+        let login = encode_client(&ClientMsg::Request(Request {
+            id: u64::MAX,
+            token: None,
+            body: RequestBody::Login { user: name, password: long(MAX_PASSWORD_LEN), pad: vec![] },
+        }));
+        assert!(login.len() <= MAX_DATAGRAM);
+    }
+
+    #[test]
+    fn names_and_patterns() {
+        assert!(valid_name("alice", 32));
+        assert!(valid_name("a.b-c_9", 32));
+        assert!(!valid_name("", 32));
+        assert!(!valid_name("al ice", 32));
+        assert!(!valid_name("al*", 32));
+        assert!(!valid_name(&long(33), 40));
+        assert!(!valid_name("abcdef", 5));
+        assert!(valid_pattern("a*"));
+        assert!(!valid_pattern("a b"));
+    }
+
+    #[test]
+    fn wildcards() {
+        assert!(wildcard_match("*", ""));
+        assert!(wildcard_match("*", "alice"));
+        assert!(wildcard_match("a*", "alice"));
+        assert!(wildcard_match("*e", "alice"));
+        assert!(wildcard_match("a?ice", "alice"));
+        assert!(wildcard_match("a*i*e", "alice"));
+        assert!(!wildcard_match("a?", "alice"));
+        assert!(!wildcard_match("bob", "bobby"));
+        assert!(wildcard_match("b*b*", "bobby"));
+        assert!(!wildcard_match("*x*", "alice"));
+        let p = "*a".repeat(30);
+        assert!(!wildcard_match(&p, &"a".repeat(29)));
+    }
+
+    #[test]
+    fn token_debug_hides_value() {
+        assert_eq!(format!("{:?}", Token([0xab; 16])), "Token(..)");
+        assert!(Token([1; 16]).ct_eq(&Token([1; 16])));
+        assert!(!Token([1; 16]).ct_eq(&Token([2; 16])));
+    }
+}

@@ -1,0 +1,761 @@
+//! The daemon's protocol logic as a sans-IO state machine.
+//!
+//! # Driving contract
+//!
+//! [`Server`] owns all state and never touches a socket, a clock or a thread. The shell drives it:
+//!
+//! 1. Feed input: [`Server::handle`] for each datagram received, with the current time and the
+//!    source address; [`Server::on_password_done`] for each finished password job;
+//!    [`Server::handle_timeout`] when [`Server::poll_timeout`]'s deadline has passed (calling it
+//!    early is a harmless no-op).
+//! 2. Run password work: [`Server::poll_password_job`] until `None`, off the event loop.
+//! 3. Commit: [`Server::take_writes`] returns the turn's writes as one batch; store it durably,
+//!    then report with [`Server::on_committed`]. Replies and pushes that depend on a batch are
+//!    held until then (group commit: one transaction per turn, however many requests).
+//! 4. Drain output: [`Server::poll_transmit`] until `None`, then sleep until
+//!    [`Server::poll_timeout`].
+//!
+//! `now` must never go backwards between calls. Randomness (tokens) comes from the injected RNG.
+
+mod commands;
+mod reply_cache;
+mod session;
+
+use crate::config::ServerConfig;
+use crate::password::{HashParams, PasswordJob, PasswordOutcome};
+use crate::proto::{self, ClientMsg, DecodeError, EncodedMessage, ErrorCode, Response, ServerMsg, Token};
+use crate::store::{Snapshot, Write};
+use log::{debug, info, trace, warn};
+use reply_cache::{Entry, Key, ReplyCache};
+use session::{Seen, Session};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    pub to: SocketAddr,
+    pub bytes: Vec<u8>,
+}
+
+/// Counters, exposed for logs, tests and (later) metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub datagrams_in: u64,
+    pub undecodable: u64,
+    pub version_mismatch: u64,
+    pub unauthenticated_too_short: u64,
+    pub amplification_dropped: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub duplicate_requests: u64,
+    pub sessions_opened: u64,
+    pub sessions_expired: u64,
+    pub pushes_sent: u64,
+    pub pushes_retransmitted: u64,
+    pub pushes_acked: u64,
+    pub pushes_dropped: u64,
+    pub sessions_unresponsive: u64,
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub committed_writes: u64,
+    pub largest_batch: u64,
+    pub busy: u64,
+}
+
+/// An account in memory.
+#[derive(Debug, Default)]
+struct Account {
+    password_hash: String,
+    following: BTreeSet<String>,
+    followers: BTreeSet<String>,
+    /// Oldest first, at most `max_inbox`.
+    inbox: VecDeque<Arc<EncodedMessage>>,
+    sessions: Vec<Token>,
+    last_delivered: u64,
+}
+
+/// What a password job was for.
+#[derive(Debug)]
+enum Auth {
+    Register { user: String, reply: ReplyTo },
+    Login { user: String, reply: ReplyTo, hash: String },
+    Delete { user: String, reply: ReplyTo, token: Token },
+}
+
+/// Where and how a reply goes.
+#[derive(Debug, Clone, Copy)]
+struct ReplyTo {
+    to: SocketAddr,
+    id: u64,
+    /// Cache slot: a global cache key, or the session's own window.
+    slot: Slot,
+    /// For requests without a valid session: the request's size, which the reply must not exceed.
+    limit: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Global(Key),
+    Session(Token),
+    None,
+}
+
+/// Output waiting for a batch to commit.
+#[derive(Debug)]
+enum Held {
+    /// A reply; if the batch fails it becomes "storage unavailable".
+    Reply(ReplyTo, Transmit),
+    /// Start pushing to a session whose creation was in the batch.
+    Activate(Token),
+    /// Forward a stored message to the recipients' sessions.
+    Fanout(Arc<EncodedMessage>, Vec<String>),
+}
+
+/// The daemon core. See the module documentation for the driving contract.
+pub struct Server {
+    cfg: ServerConfig,
+    hash_params: HashParams,
+    rng: Box<dyn rand::Rng + Send>,
+    users: BTreeMap<String, Account>,
+    /// Names with a registration in progress (hashing).
+    reserved: HashSet<String>,
+    sessions: HashMap<Token, Session>,
+    /// Recently expired or revoked tokens, to tell their holders to log in again.
+    expired: HashSet<Token>,
+    expired_order: VecDeque<Token>,
+    next_message_id: u64,
+    /// This run's number, sent with every push.
+    epoch: u32,
+    replies: ReplyCache,
+    timers: BinaryHeap<Reverse<(Instant, Token)>>,
+    jobs: VecDeque<PasswordJob>,
+    auth: HashMap<u64, Auth>,
+    next_job_id: u64,
+    out: VecDeque<Transmit>,
+    held: VecDeque<(u64, Held)>,
+    writes: Vec<Write>,
+    /// Delivered marks of this batch, coalesced per user.
+    delivered: HashMap<String, u64>,
+    /// Number of the batch being filled; batches are committed in order.
+    open_batch: u64,
+    /// Highest batch committed (0: none yet).
+    committed_batch: u64,
+    /// A batch handed out by `take_writes` and not yet reported.
+    in_flight_batch: Option<u64>,
+    stats: Stats,
+    /// A dummy hash to verify against for unknown users, so timing does not reveal who exists.
+    dummy_hash: Option<String>,
+}
+
+/// Most recently expired tokens remembered.
+const EXPIRED_MEMORY: usize = 65_536;
+/// Room a reply page leaves for framing around its entries.
+const PAGE_OVERHEAD: usize = 40;
+
+impl Server {
+    /// Creates the core from committed state. `hash_params` are for new password hashes.
+    pub fn new(
+        cfg: ServerConfig,
+        hash_params: HashParams,
+        snapshot: Snapshot,
+        rng: Box<dyn rand::Rng + Send>,
+        now: Instant,
+    ) -> Self {
+        let users = accounts_from(snapshot.accounts, snapshot.subscriptions);
+        let mut server = Server {
+            replies: ReplyCache::new(cfg.reply_cache_ttl(), cfg.reply_cache_max_unauthenticated as usize),
+            cfg,
+            hash_params,
+            rng,
+            users,
+            reserved: HashSet::new(),
+            sessions: HashMap::new(),
+            expired: HashSet::new(),
+            expired_order: VecDeque::new(),
+            next_message_id: snapshot.next_message_id.max(1),
+            epoch: snapshot.epoch,
+            timers: BinaryHeap::new(),
+            jobs: VecDeque::new(),
+            auth: HashMap::new(),
+            next_job_id: 1,
+            out: VecDeque::new(),
+            held: VecDeque::new(),
+            writes: Vec::new(),
+            delivered: HashMap::new(),
+            open_batch: 1,
+            committed_batch: 0,
+            in_flight_batch: None,
+            stats: Stats::default(),
+            dummy_hash: None,
+        };
+        for (token, user) in snapshot.sessions {
+            server.restore_session(now, token, user);
+        }
+        server
+    }
+
+    /// Brings back a stored session. Its push address is learned from the client's next
+    /// datagram; what it may not have received is queued for it, as on login.
+    fn restore_session(&mut self, now: Instant, token: Token, user: String) {
+        let Some(acc) = self.users.get_mut(&user) else { return };
+        acc.sessions.push(token);
+        let mut s = Session::new(user, None, now, self.cfg.push_rto());
+        s.live = true;
+        let missed = acc.inbox.iter().filter(|m| m.message.id > acc.last_delivered);
+        let skip = missed.clone().count().saturating_sub(self.cfg.catch_up_max as usize);
+        s.queue.extend(missed.skip(skip).cloned());
+        self.sessions.insert(token, s);
+        self.schedule(token, now);
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    /// Replaces the settings that can change at runtime (limits and timers).
+    pub fn set_config(&mut self, cfg: ServerConfig) {
+        self.cfg = cfg;
+    }
+
+    // ---------------------------------------------------------------- input
+
+    /// Feeds one received datagram.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.stats.datagrams_in += 1;
+        let msg = match proto::decode_client(bytes) {
+            Ok(msg) => msg,
+            Err(DecodeError::Version(v)) => {
+                self.stats.version_mismatch += 1;
+                debug!("{from}: speaks protocol v{v}, answering with ours (v{})", proto::VERSION);
+                // Three bytes, never more than we received.
+                self.out.push_back(Transmit { to: from, bytes: proto::version_notice() });
+                return;
+            }
+            Err(e) => {
+                self.stats.undecodable += 1;
+                debug!("{from}: dropped {} byte datagram: {e}", bytes.len());
+                return;
+            }
+        };
+        match msg {
+            ClientMsg::PushAck { token, seq } => self.on_push_ack(now, token, seq),
+            ClientMsg::Request(req) => self.on_request(now, from, bytes.len(), req),
+        }
+    }
+
+    fn on_push_ack(&mut self, now: Instant, token: Token, seq: u64) {
+        let Some(s) = self.sessions.get_mut(&token) else {
+            trace!("ack for unknown session");
+            return;
+        };
+        s.last_seen = now;
+        let Some(msg_id) = s.ack(now, seq) else { return };
+        self.stats.pushes_acked += 1;
+        let user = s.user.clone();
+        if let Some(acc) = self.users.get_mut(&user) {
+            if msg_id > acc.last_delivered {
+                acc.last_delivered = msg_id;
+                let e = self.delivered.entry(user).or_insert(0);
+                *e = (*e).max(msg_id);
+            }
+        }
+        self.pump(now, token);
+    }
+
+    fn on_request(&mut self, now: Instant, from: SocketAddr, len: usize, req: proto::Request) {
+        self.stats.requests += 1;
+        let kind = req.body.kind();
+        // A valid token makes this an authenticated request; anything else is treated as coming
+        // from an unverified (possibly spoofed) address.
+        let session = req.token.filter(|t| self.sessions.contains_key(t));
+        let reply = match session {
+            Some(token) => {
+                let committed = self.committed_batch;
+                let s = self.sessions.get_mut(&token).expect("checked");
+                match s.dedup.check(req.id, committed) {
+                    Seen::New => {}
+                    Seen::Replay(bytes) => {
+                        self.stats.duplicate_requests += 1;
+                        debug!("{from}: retransmitted {kind} #{}, replaying the reply", req.id);
+                        self.out.push_back(Transmit { to: from, bytes });
+                        return;
+                    }
+                    Seen::Drop => {
+                        self.stats.duplicate_requests += 1;
+                        debug!("{from}: duplicate {kind} #{} dropped", req.id);
+                        return;
+                    }
+                }
+                s.dedup.mark(req.id);
+                s.last_seen = now;
+                if s.unresponsive {
+                    debug!("session of {} is responsive again", s.user);
+                    s.unresponsive = false;
+                    for p in &mut s.inflight {
+                        p.tries = 0;
+                        p.deadline = now;
+                    }
+                }
+                if s.addr != Some(from) {
+                    // Only an authenticated request moves the push address (NAT rebinding).
+                    info!("session of {} moved from {:?} to {from}", s.user, s.addr);
+                    s.addr = Some(from);
+                    for p in &mut s.inflight {
+                        p.deadline = now;
+                    }
+                }
+                // Resend at once what a silent or moved client missed, then fill the window.
+                self.retransmit_due(now, token);
+                self.pump(now, token);
+                self.schedule(token, now);
+                ReplyTo { to: from, id: req.id, slot: Slot::Session(token), limit: None }
+            }
+            None => {
+                let slot = match (&req.body, req.token) {
+                    (proto::RequestBody::Register { .. } | proto::RequestBody::Login { .. }, _) => {
+                        if len < proto::MIN_UNAUTHENTICATED_REQUEST {
+                            self.stats.unauthenticated_too_short += 1;
+                            debug!("{from}: unpadded {kind} ({len} bytes) dropped");
+                            return;
+                        }
+                        Slot::Global(Key::Addr(from, req.id))
+                    }
+                    // A retransmitted logout or delete whose session is already gone.
+                    (_, Some(t)) => Slot::Global(Key::Token(t, req.id)),
+                    (_, None) => Slot::None,
+                };
+                if let Slot::Global(key) = slot {
+                    match self.replies.get(&key) {
+                        Some(Entry::Done(bytes, batch)) if *batch <= self.committed_batch => {
+                            self.stats.duplicate_requests += 1;
+                            debug!("{from}: retransmitted {kind} #{}, replaying the reply", req.id);
+                            if bytes.len() <= len {
+                                self.out.push_back(Transmit { to: from, bytes: bytes.clone() });
+                            } else {
+                                self.stats.amplification_dropped += 1;
+                            }
+                            return;
+                        }
+                        Some(_) => {
+                            self.stats.duplicate_requests += 1;
+                            debug!("{from}: {kind} #{} already under way", req.id);
+                            return;
+                        }
+                        None => {}
+                    }
+                }
+                ReplyTo { to: from, id: req.id, slot, limit: Some(len) }
+            }
+        };
+        debug!("{from}: {kind} #{}", req.id);
+        if let Some(result) = self.execute(now, reply, session, req.token, req.body) {
+            self.reply(now, reply, result);
+        }
+    }
+
+    /// Reports a finished password job.
+    pub fn on_password_done(&mut self, now: Instant, id: u64, outcome: PasswordOutcome) {
+        let Some(auth) = self.auth.remove(&id) else {
+            warn!("result for unknown password job {id}");
+            return;
+        };
+        let (reply, result) = self.finish_auth(now, auth, outcome);
+        self.reply(now, reply, result);
+    }
+
+    /// Handles timers: push retransmission, session expiry, cache expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.replies.expire(now);
+        while let Some(Reverse((t, token))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.sessions.get_mut(&token) else { continue };
+            if s.scheduled != Some(t) {
+                continue; // superseded entry
+            }
+            s.scheduled = None;
+            let idle_end = s.last_seen + self.cfg.session_idle_timeout();
+            let life_end = s.created + self.cfg.session_max_lifetime();
+            if now >= idle_end || now >= life_end {
+                self.stats.sessions_expired += 1;
+                info!(
+                    "session of {} expired ({})",
+                    s.user,
+                    if now >= life_end { "lifetime" } else { "idle" }
+                );
+                self.close_session(token, true);
+                continue;
+            }
+            self.retransmit_due(now, token);
+            self.schedule(token, now);
+        }
+    }
+
+    // ---------------------------------------------------------------- output
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    /// Next password job to run off the loop.
+    pub fn poll_password_job(&mut self) -> Option<PasswordJob> {
+        self.jobs.pop_front()
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = self.timers.peek().map(|Reverse((t, _))| *t);
+        match (t, self.replies.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Takes this turn's writes as one batch `(batch number, writes)`, or `None` when there are
+    /// none. At most one batch is in flight: call [`Server::on_committed`] before the next.
+    pub fn take_writes(&mut self) -> Option<(u64, Vec<Write>)> {
+        if self.in_flight_batch.is_some() {
+            return None;
+        }
+        for (user, up_to) in self.delivered.drain() {
+            self.writes.push(Write::Delivered { user, up_to });
+        }
+        if self.writes.is_empty() {
+            return None;
+        }
+        let n = self.open_batch;
+        self.open_batch += 1;
+        self.in_flight_batch = Some(n);
+        Some((n, std::mem::take(&mut self.writes)))
+    }
+
+    /// Reports that batch `n` is durable: releases everything that waited for it.
+    pub fn on_committed(&mut self, now: Instant, n: u64, writes: usize) {
+        debug_assert_eq!(self.in_flight_batch, Some(n));
+        self.in_flight_batch = None;
+        self.committed_batch = n;
+        self.stats.commits += 1;
+        self.stats.committed_writes += writes as u64;
+        self.stats.largest_batch = self.stats.largest_batch.max(writes as u64);
+        // Replies first, then the pushes: a client learns its token before its first push.
+        let mut later = Vec::new();
+        while let Some((b, _)) = self.held.front() {
+            if *b > n {
+                break;
+            }
+            match self.held.pop_front().expect("peeked").1 {
+                Held::Reply(_, t) => self.out.push_back(t),
+                other => later.push(other),
+            }
+        }
+        for h in later {
+            match h {
+                Held::Reply(_, t) => self.out.push_back(t),
+                Held::Activate(token) => {
+                    if let Some(s) = self.sessions.get_mut(&token) {
+                        s.live = true;
+                        self.pump(now, token);
+                    }
+                }
+                Held::Fanout(msg, recipients) => self.fanout(now, &msg, &recipients),
+            }
+        }
+    }
+
+    /// Reports that batch `n` could not be made durable (e.g. the disk is full). `durable` is the
+    /// store's committed state, reloaded by the shell. Everything the failed batch (and anything
+    /// after it) changed is undone; the requests that waited for it are answered "storage
+    /// unavailable, retry" and forgotten by the de-duplication, so the client's retry runs them
+    /// again. Sessions keep their push windows; reads go on.
+    pub fn on_commit_failed(&mut self, now: Instant, n: u64, durable: Snapshot) {
+        debug_assert_eq!(self.in_flight_batch, Some(n));
+        self.in_flight_batch = None;
+        self.stats.commit_failures += 1;
+        self.writes.clear();
+        self.delivered.clear();
+        let mut refused = 0;
+        for (_, h) in std::mem::take(&mut self.held) {
+            if let Held::Reply(r, _) = h {
+                refused += 1;
+                self.forget(r);
+                let bytes = proto::encode_server(&ServerMsg::Reply {
+                    id: r.id,
+                    result: Err(ErrorCode::StorageUnavailable),
+                });
+                if r.limit.is_none_or(|l| bytes.len() <= l) {
+                    self.out.push_back(Transmit { to: r.to, bytes });
+                }
+            }
+            // Activations and fan-outs of the failed batch never happen.
+        }
+        self.users = accounts_from(durable.accounts, durable.subscriptions);
+        self.next_message_id = self.next_message_id.max(durable.next_message_id);
+        let stored: HashMap<Token, String> = durable.sessions.into_iter().collect();
+        self.sessions.retain(|t, s| stored.get(t) == Some(&s.user));
+        for (token, s) in &self.sessions {
+            if let Some(acc) = self.users.get_mut(&s.user) {
+                acc.sessions.push(*token);
+            }
+        }
+        for (token, user) in stored {
+            if !self.sessions.contains_key(&token) {
+                self.restore_session(now, token, user);
+            }
+        }
+        warn!("batch {n} was not stored; {refused} request(s) were told to retry");
+    }
+
+    /// Makes a request's id new again, so that its retransmission executes.
+    fn forget(&mut self, r: ReplyTo) {
+        match r.slot {
+            Slot::Session(token) => {
+                if let Some(s) = self.sessions.get_mut(&token) {
+                    s.dedup.forget(r.id);
+                }
+            }
+            Slot::Global(key) => self.replies.remove(&key),
+            Slot::None => {}
+        }
+    }
+
+    // ---------------------------------------------------------------- internals
+
+    /// The batch that output produced now must wait for, if any.
+    fn gate(&self) -> Option<u64> {
+        if !self.writes.is_empty() || !self.delivered.is_empty() {
+            Some(self.open_batch)
+        } else {
+            self.in_flight_batch
+        }
+    }
+
+    fn hold(&mut self, h: Held) {
+        match self.gate() {
+            Some(b) => self.held.push_back((b, h)),
+            None => self.held.push_back((self.committed_batch, h)),
+        }
+    }
+
+    fn write(&mut self, w: Write) {
+        self.writes.push(w);
+    }
+
+    fn reply(&mut self, _now: Instant, r: ReplyTo, result: Result<Response, ErrorCode>) {
+        if let Err(e) = &result {
+            self.stats.errors += 1;
+            debug!("{}: #{} -> {e}", r.to, r.id);
+        }
+        let bytes = proto::encode_server(&ServerMsg::Reply { id: r.id, result });
+        let batch = self.gate().unwrap_or(self.committed_batch);
+        match r.slot {
+            Slot::Session(token) => {
+                if let Some(s) = self.sessions.get_mut(&token) {
+                    s.dedup.remember(r.id, bytes.clone(), batch);
+                }
+            }
+            Slot::Global(key) => self.replies.insert(_now, key, Entry::Done(bytes.clone(), batch)),
+            Slot::None => {}
+        }
+        if let Some(limit) = r.limit {
+            if bytes.len() > limit {
+                // Never answer an unverified address with more than it sent us.
+                self.stats.amplification_dropped += 1;
+                debug!("{}: reply of {} bytes to a {limit} byte request withheld", r.to, bytes.len());
+                return;
+            }
+        }
+        let t = Transmit { to: r.to, bytes };
+        if batch > self.committed_batch {
+            self.held.push_back((batch, Held::Reply(r, t)));
+        } else {
+            self.out.push_back(t);
+        }
+    }
+
+    fn new_token(&mut self) -> Token {
+        let mut t = [0u8; 16];
+        self.rng.fill_bytes(&mut t);
+        Token(t)
+    }
+
+    fn submit_job(&mut self, kind: crate::password::JobKind, auth: Auth) -> Result<(), ErrorCode> {
+        if self.auth.len() >= self.cfg.password_queue as usize {
+            self.stats.busy += 1;
+            return Err(ErrorCode::Busy);
+        }
+        let id = self.next_job_id;
+        self.next_job_id += 1;
+        self.jobs.push_back(PasswordJob { id, kind });
+        self.auth.insert(id, auth);
+        Ok(())
+    }
+
+    /// Puts the session's earliest deadline into the timer heap.
+    fn schedule(&mut self, token: Token, _now: Instant) {
+        let Some(s) = self.sessions.get_mut(&token) else { return };
+        let expiry =
+            (s.last_seen + self.cfg.session_idle_timeout()).min(s.created + self.cfg.session_max_lifetime());
+        let next = s.next_deadline(expiry);
+        if s.scheduled.is_none_or(|t| next < t) {
+            s.scheduled = Some(next);
+            self.timers.push(Reverse((next, token)));
+        }
+    }
+
+    fn pump(&mut self, now: Instant, token: Token) {
+        let Some(s) = self.sessions.get_mut(&token) else { return };
+        let out = &mut self.out;
+        let sent = s.pump(now, self.epoch, self.cfg.push_window as usize, &mut |to, bytes| {
+            out.push_back(Transmit { to, bytes })
+        });
+        self.stats.pushes_sent += sent;
+        if sent > 0 {
+            self.schedule(token, now);
+        }
+    }
+
+    fn retransmit_due(&mut self, now: Instant, token: Token) {
+        let max_tries = self.cfg.push_max_tries;
+        let Some(s) = self.sessions.get_mut(&token) else { return };
+        let Some(addr) = s.addr else { return };
+        if !s.live || s.unresponsive {
+            return;
+        }
+        for i in 0..s.inflight.len() {
+            if s.inflight[i].deadline > now {
+                continue;
+            }
+            if s.inflight[i].tries >= max_tries {
+                warn!(
+                    "session of {} at {addr} stopped acknowledging pushes after {max_tries} tries; \
+                     its messages stay in the inbox",
+                    s.user
+                );
+                s.unresponsive = true;
+                self.stats.sessions_unresponsive += 1;
+                return;
+            }
+            let p = &mut s.inflight[i];
+            p.tries += 1;
+            p.retransmitted = true;
+            p.deadline = now + s.rtt.backoff(p.tries);
+            let mut bytes = Vec::new();
+            proto::encode_push(self.epoch, p.seq, &p.msg, &mut bytes);
+            self.out.push_back(Transmit { to: addr, bytes });
+            self.stats.pushes_retransmitted += 1;
+        }
+    }
+
+    /// Forwards a committed message to every live session of every recipient.
+    fn fanout(&mut self, now: Instant, msg: &Arc<EncodedMessage>, recipients: &[String]) {
+        let max_queue = self.cfg.push_queue as usize;
+        for user in recipients {
+            let Some(acc) = self.users.get(user) else { continue };
+            for token in acc.sessions.clone() {
+                if let Some(s) = self.sessions.get_mut(&token) {
+                    if s.enqueue(msg.clone(), max_queue) {
+                        self.stats.pushes_dropped += 1;
+                    }
+                    self.pump(now, token);
+                }
+            }
+        }
+    }
+
+    /// Ends a session. `expired` says whether its holder should hear "session expired".
+    fn close_session(&mut self, token: Token, expired: bool) {
+        let Some(s) = self.sessions.remove(&token) else { return };
+        if let Some(acc) = self.users.get_mut(&s.user) {
+            acc.sessions.retain(|t| *t != token);
+        }
+        self.write(Write::CloseSession { token });
+        if expired {
+            if self.expired_order.len() == EXPIRED_MEMORY {
+                if let Some(old) = self.expired_order.pop_front() {
+                    self.expired.remove(&old);
+                }
+            }
+            self.expired.insert(token);
+            self.expired_order.push_back(token);
+        }
+    }
+
+    /// Appends to an inbox, dropping the oldest beyond the cap.
+    fn deliver_to_inbox(&mut self, user: &str, msg: &Arc<EncodedMessage>) {
+        let cap = self.cfg.max_inbox as usize;
+        if let Some(acc) = self.users.get_mut(user) {
+            acc.inbox.push_back(msg.clone());
+            while acc.inbox.len() > cap {
+                acc.inbox.pop_front();
+            }
+        }
+    }
+
+    /// Why a request without a usable session is refused.
+    fn no_session_error(&self, token: Option<Token>) -> ErrorCode {
+        match token {
+            Some(t) if self.expired.contains(&t) => ErrorCode::SessionExpired,
+            _ => ErrorCode::NotLoggedIn,
+        }
+    }
+
+    fn page_fits(used: usize, next: usize) -> bool {
+        used + next + PAGE_OVERHEAD <= proto::MAX_DATAGRAM
+    }
+
+    #[cfg(test)]
+    pub(crate) fn inbox_ids(&self, user: &str) -> Vec<u64> {
+        self.users.get(user).map(|a| a.inbox.iter().map(|m| m.message.id).collect()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+/// Builds the in-memory accounts from stored ones; messages shared by several inboxes are
+/// shared in memory too.
+fn accounts_from(
+    accounts: Vec<crate::store::AccountRecord>,
+    subscriptions: Vec<(String, String)>,
+) -> BTreeMap<String, Account> {
+    let mut users: BTreeMap<String, Account> = BTreeMap::new();
+    let mut shared: HashMap<u64, Arc<EncodedMessage>> = HashMap::new();
+    for a in accounts {
+        let inbox = a
+            .inbox
+            .into_iter()
+            .map(|m| shared.entry(m.id).or_insert_with(|| Arc::new(EncodedMessage::new(m))).clone())
+            .collect();
+        users.insert(
+            a.user,
+            Account {
+                password_hash: a.password_hash,
+                inbox,
+                last_delivered: a.last_delivered,
+                ..Default::default()
+            },
+        );
+    }
+    for (follower, followed) in subscriptions {
+        if users.contains_key(&follower) && users.contains_key(&followed) {
+            users.get_mut(&follower).expect("checked").following.insert(followed.clone());
+            users.get_mut(&followed).expect("checked").followers.insert(follower);
+        }
+    }
+    users
+}

@@ -1,0 +1,625 @@
+//! Unit tests of the server core on simulated time: every command's success and error paths,
+//! de-duplication, group-commit gating, push retransmission timer edges and expiry.
+
+use super::*;
+use crate::password::HashParams;
+use crate::proto::{Message, Request, RequestBody};
+use crate::store::memory::MemoryStore;
+use crate::store::Store;
+use rand::SeedableRng;
+use std::time::Duration;
+
+pub(crate) fn test_config() -> ServerConfig {
+    ServerConfig {
+        argon2_memory_kib: 8,
+        argon2_iterations: 1,
+        push_initial_rto_ms: 1000,
+        push_min_rto_ms: 200,
+        push_max_rto_ms: 8000,
+        push_max_tries: 4,
+        ..ServerConfig::default()
+    }
+}
+
+struct H {
+    server: Server,
+    store: MemoryStore,
+    now: Instant,
+    next_id: u64,
+    /// Everything sent that is not the reply a helper was waiting for.
+    other: Vec<Transmit>,
+    /// Commits fail while set (a full disk).
+    disk_full: bool,
+}
+
+fn a(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+impl H {
+    fn new() -> H {
+        Self::with(test_config())
+    }
+
+    fn with(cfg: ServerConfig) -> H {
+        let now = Instant::now();
+        let mut store = MemoryStore::new(cfg.max_inbox as usize);
+        store.begin_epoch().unwrap();
+        let snap = store.load().unwrap();
+        let rng = rand::rngs::StdRng::seed_from_u64(7);
+        H {
+            server: Server::new(cfg, HashParams::TEST, snap, Box::new(rng), now),
+            store,
+            now,
+            next_id: 1,
+            other: Vec::new(),
+            disk_full: false,
+        }
+    }
+
+    /// Runs password jobs and commits, as the daemon's loop does at the end of a turn.
+    fn turn(&mut self) {
+        while let Some(job) = self.server.poll_password_job() {
+            let (id, outcome) = job.run();
+            self.server.on_password_done(self.now, id, outcome);
+        }
+        if let Some((n, writes)) = self.server.take_writes() {
+            if self.disk_full {
+                let durable = self.store.load().unwrap();
+                self.server.on_commit_failed(self.now, n, durable);
+            } else {
+                self.store.commit(&writes).unwrap();
+                self.server.on_committed(self.now, n, writes.len());
+            }
+        }
+    }
+
+    fn drain(&mut self) -> Vec<Transmit> {
+        std::iter::from_fn(|| self.server.poll_transmit()).collect()
+    }
+
+    fn raw(&mut self, from: SocketAddr, bytes: &[u8]) -> Vec<Transmit> {
+        self.server.handle(self.now, from, bytes);
+        self.turn();
+        self.drain()
+    }
+
+    fn encode(&mut self, token: Option<Token>, body: RequestBody) -> (u64, Vec<u8>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut req = Request { id, token, body };
+        let mut bytes = proto::encode_client(&ClientMsg::Request(req.clone()));
+        if bytes.len() < proto::MIN_UNAUTHENTICATED_REQUEST {
+            if let RequestBody::Login { pad, .. } | RequestBody::Register { pad, .. } = &mut req.body {
+                *pad = vec![0; proto::MIN_UNAUTHENTICATED_REQUEST - bytes.len()];
+                bytes = proto::encode_client(&ClientMsg::Request(req));
+            }
+        }
+        (id, bytes)
+    }
+
+    /// Sends a request and returns its reply; other datagrams are kept in `other`.
+    fn req(
+        &mut self,
+        from: SocketAddr,
+        token: Option<Token>,
+        body: RequestBody,
+    ) -> Result<Response, ErrorCode> {
+        let (id, bytes) = self.encode(token, body);
+        let sent = self.raw(from, &bytes);
+        let mut reply = None;
+        for t in sent {
+            match proto::decode_server(&t.bytes) {
+                Ok(ServerMsg::Reply { id: rid, result }) if rid == id && t.to == from => reply = Some(result),
+                _ => self.other.push(t),
+            }
+        }
+        reply.expect("a reply")
+    }
+
+    fn register(&mut self, user: &str, pw: &str) -> Result<Response, ErrorCode> {
+        self.req(a(1), None, RequestBody::Register { user: user.into(), password: pw.into(), pad: vec![] })
+    }
+
+    fn login_from(&mut self, from: SocketAddr, user: &str, pw: &str) -> Result<Token, ErrorCode> {
+        match self.req(
+            from,
+            None,
+            RequestBody::Login { user: user.into(), password: pw.into(), pad: vec![] },
+        )? {
+            Response::LoggedIn { token, .. } => Ok(token),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn user(&mut self, user: &str, port: u16) -> Token {
+        self.register(user, "password").unwrap();
+        self.login_from(a(port), user, "password").unwrap()
+    }
+
+    fn pushes(&mut self) -> Vec<(SocketAddr, u64, Message)> {
+        let mut v = Vec::new();
+        for t in self.other.drain(..).chain(std::iter::from_fn(|| self.server.poll_transmit())) {
+            if let Ok(ServerMsg::Push { seq, message, .. }) = proto::decode_server(&t.bytes) {
+                v.push((t.to, seq, message));
+            }
+        }
+        v
+    }
+
+    fn ack(&mut self, token: Token, seq: u64) {
+        let bytes = proto::encode_client(&ClientMsg::PushAck { token, seq });
+        self.server.handle(self.now, a(9999), &bytes);
+        self.turn();
+    }
+
+    fn advance(&mut self, d: Duration) {
+        self.now += d;
+        self.server.handle_timeout(self.now);
+        self.turn();
+    }
+}
+
+#[test]
+fn register_and_login_paths() {
+    let mut h = H::new();
+    assert_eq!(h.register("alice", "secret"), Ok(Response::Registered));
+    assert_eq!(h.register("alice", "secret"), Err(ErrorCode::NameTaken { user: "alice".into() }));
+    assert_eq!(h.register("a b", "secret"), Err(ErrorCode::InvalidName { max_len: 32 }));
+    assert_eq!(h.register(&"x".repeat(33), "secret"), Err(ErrorCode::InvalidName { max_len: 32 }));
+    assert_eq!(h.register("bob", "abc"), Err(ErrorCode::InvalidPassword { min_len: 4, max_len: 128 }));
+    assert!(h.login_from(a(1), "alice", "secret").is_ok());
+    // Wrong password and unknown user: one indistinguishable answer.
+    assert_eq!(h.login_from(a(1), "alice", "wrong"), Err(ErrorCode::BadCredentials));
+    assert_eq!(h.login_from(a(1), "nobody", "secret"), Err(ErrorCode::BadCredentials));
+
+    let mut closed = H::with(ServerConfig { allow_registration: false, ..test_config() });
+    assert_eq!(closed.register("alice", "secret"), Err(ErrorCode::RegistrationClosed));
+}
+
+#[test]
+fn requests_need_a_session() {
+    let mut h = H::new();
+    assert_eq!(h.req(a(1), None, RequestBody::Post { text: "x".into() }), Err(ErrorCode::NotLoggedIn));
+    assert_eq!(
+        h.req(a(1), Some(Token([3; 16])), RequestBody::Retrieve { count: 1, before: None }),
+        Err(ErrorCode::NotLoggedIn)
+    );
+    let t = h.user("alice", 1);
+    assert_eq!(h.req(a(1), Some(t), RequestBody::Logout), Ok(Response::LoggedOut));
+    assert_eq!(h.req(a(1), Some(t), RequestBody::Post { text: "x".into() }), Err(ErrorCode::NotLoggedIn));
+    // Ping answers without a session (health checks), never with more bytes than it got.
+    assert_eq!(h.req(a(1), None, RequestBody::Ping), Ok(Response::Pong));
+}
+
+#[test]
+fn subscribe_paths() {
+    let mut h = H::new();
+    let t = h.user("alice", 1);
+    h.register("bob", "password").unwrap();
+    let sub = |h: &mut H, u: &str| h.req(a(1), Some(t), RequestBody::Subscribe { user: u.into() });
+    let unsub = |h: &mut H, u: &str| h.req(a(1), Some(t), RequestBody::Unsubscribe { user: u.into() });
+    assert_eq!(sub(&mut h, "bob"), Ok(Response::Subscribed));
+    assert_eq!(sub(&mut h, "bob"), Err(ErrorCode::AlreadySubscribed { user: "bob".into() }));
+    assert_eq!(sub(&mut h, "alice"), Err(ErrorCode::CannotSubscribeToSelf));
+    assert_eq!(sub(&mut h, "carol"), Err(ErrorCode::NoSuchUser { user: "carol".into() }));
+    assert_eq!(unsub(&mut h, "bob"), Ok(Response::Unsubscribed));
+    assert_eq!(unsub(&mut h, "bob"), Err(ErrorCode::NotSubscribed { user: "bob".into() }));
+    assert_eq!(unsub(&mut h, "carol"), Err(ErrorCode::NoSuchUser { user: "carol".into() }));
+
+    let mut small = H::with(ServerConfig { max_subscriptions: 1, ..test_config() });
+    let t = small.user("alice", 1);
+    small.register("bob", "password").unwrap();
+    small.register("carol", "password").unwrap();
+    assert_eq!(
+        small.req(a(1), Some(t), RequestBody::Subscribe { user: "bob".into() }),
+        Ok(Response::Subscribed)
+    );
+    assert_eq!(
+        small.req(a(1), Some(t), RequestBody::Subscribe { user: "carol".into() }),
+        Err(ErrorCode::TooManySubscriptions { max: 1 })
+    );
+}
+
+#[test]
+fn post_is_pushed_to_every_session_of_every_subscriber() {
+    let mut h = H::new();
+    let alice1 = h.user("alice", 1);
+    let alice2 = h.login_from(a(2), "alice", "password").unwrap();
+    let carol = h.user("carol", 3);
+    let bob = h.user("bob", 4);
+    h.req(a(1), Some(alice1), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    let _ = h.pushes();
+    assert_eq!(
+        h.req(a(4), Some(bob), RequestBody::Post { text: "hi".into() }),
+        Ok(Response::Posted { id: 1, recipients: 1 })
+    );
+    let pushes = h.pushes();
+    let mut to: Vec<_> =
+        pushes.iter().map(|(addr, seq, m)| (*addr, *seq, m.text.as_str(), m.author.as_str())).collect();
+    to.sort();
+    assert_eq!(to, vec![(a(1), 1, "hi", "bob"), (a(2), 1, "hi", "bob")], "carol is not subscribed");
+    let _ = (alice2, carol);
+    assert_eq!(h.server.inbox_ids("alice"), vec![1]);
+    assert!(h.server.inbox_ids("carol").is_empty());
+    assert!(h.server.inbox_ids("bob").is_empty(), "one's own posts are not in one's inbox");
+}
+
+#[test]
+fn post_text_limits() {
+    let mut h = H::with(ServerConfig { max_text_bytes: 10, ..test_config() });
+    let t = h.user("bob", 1);
+    assert_eq!(h.req(a(1), Some(t), RequestBody::Post { text: "".into() }), Err(ErrorCode::EmptyText));
+    assert_eq!(
+        h.req(a(1), Some(t), RequestBody::Post { text: "x".repeat(11) }),
+        Err(ErrorCode::TextTooLong { max: 10 })
+    );
+    assert!(h.req(a(1), Some(t), RequestBody::Post { text: "x".repeat(10) }).is_ok());
+}
+
+#[test]
+fn retrieve_newest_oldest_first_in_pages_that_fit() {
+    let mut h = H::with(ServerConfig { max_retrieve: 50, ..test_config() });
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    for i in 0..30 {
+        h.req(a(2), Some(bob), RequestBody::Post { text: format!("{i:03}{}", "x".repeat(200)) }).unwrap();
+    }
+    let get = |h: &mut H, count, before| h.req(a(1), Some(alice), RequestBody::Retrieve { count, before });
+    assert_eq!(get(&mut h, 0, None), Err(ErrorCode::CountOutOfRange { min: 1, max: 50 }));
+    assert_eq!(get(&mut h, 51, None), Err(ErrorCode::CountOutOfRange { min: 1, max: 50 }));
+    // 10 messages of ~210 bytes need several datagrams: page through like the client does.
+    let mut got: Vec<Message> = Vec::new();
+    let mut before = None;
+    loop {
+        let (id, bytes) =
+            h.encode(Some(alice), RequestBody::Retrieve { count: 10 - got.len() as u32, before });
+        let sent = h.raw(a(1), &bytes);
+        assert!(sent.iter().all(|t| t.bytes.len() <= proto::MAX_DATAGRAM));
+        let Ok(ServerMsg::Reply { id: rid, result: Ok(Response::Messages { messages, more }) }) =
+            proto::decode_server(&sent[0].bytes)
+        else {
+            panic!()
+        };
+        assert_eq!(rid, id);
+        assert!(!messages.is_empty());
+        before = messages.first().map(|m| m.id);
+        let mut page = messages;
+        page.append(&mut got);
+        got = page;
+        if !more {
+            break;
+        }
+    }
+    let texts: Vec<String> = got.iter().map(|m| m.text[..3].to_string()).collect();
+    assert_eq!(texts, (20..30).map(|i| format!("{i:03}")).collect::<Vec<_>>());
+}
+
+#[test]
+fn retransmitted_requests_are_not_executed_twice() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    let _ = h.pushes();
+    let (_, post) = h.encode(Some(bob), RequestBody::Post { text: "once".into() });
+    let first = h.raw(a(2), &post);
+    let second = h.raw(a(2), &post);
+    let replies = |v: &[Transmit]| -> Vec<Vec<u8>> {
+        v.iter().filter(|t| t.to == a(2)).map(|t| t.bytes.clone()).collect()
+    };
+    assert_eq!(replies(&first), replies(&second), "same reply");
+    assert_eq!(h.server.inbox_ids("alice"), vec![1], "stored once");
+    let pushes: Vec<_> = first.iter().chain(second.iter()).filter(|t| t.to == a(1)).collect();
+    assert_eq!(pushes.len(), 1, "forwarded once");
+
+    // A retransmitted login returns the same session.
+    let (_, login) =
+        h.encode(None, RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] });
+    let is_reply = |t: &Transmit| matches!(proto::decode_server(&t.bytes), Ok(ServerMsg::Reply { .. }));
+    let r1: Vec<Transmit> = h.raw(a(5), &login).into_iter().filter(is_reply).collect();
+    let r2: Vec<Transmit> = h.raw(a(5), &login).into_iter().filter(is_reply).collect();
+    assert_eq!(r1.len(), 1);
+    assert_eq!(r1, r2);
+    assert_eq!(h.server.session_count(), 3);
+    assert_eq!(h.server.stats().duplicate_requests, 2);
+}
+
+#[test]
+fn replies_wait_for_the_commit() {
+    let mut h = H::new();
+    let bob = h.user("bob", 2);
+    let (_, post) = h.encode(Some(bob), RequestBody::Post { text: "durable".into() });
+    h.server.handle(h.now, a(2), &post);
+    assert_eq!(h.server.poll_transmit(), None, "nothing leaves before the batch is durable");
+    // A read arriving in the same turn waits too: it may have seen the uncommitted write.
+    let (_, ping) = h.encode(Some(bob), RequestBody::Ping);
+    h.server.handle(h.now, a(2), &ping);
+    assert_eq!(h.server.poll_transmit(), None);
+    let (n, writes) = h.server.take_writes().unwrap();
+    assert!(matches!(writes[0], Write::StoreMessage { .. }));
+    assert_eq!(h.server.take_writes(), None, "one batch in flight at a time");
+    h.store.commit(&writes).unwrap();
+    h.server.on_committed(h.now, n, writes.len());
+    assert_eq!(h.drain().len(), 2);
+}
+
+#[test]
+fn version_mismatch_and_garbage() {
+    let mut h = H::new();
+    let out = h.raw(a(1), b"UM\x07whatever");
+    assert_eq!(out, vec![Transmit { to: a(1), bytes: b"UM\x01".to_vec() }]);
+    assert!(h.raw(a(1), b"hello").is_empty());
+    assert!(h.raw(a(1), b"UM\x01\xff\xff\xff").is_empty());
+    assert_eq!(h.server.stats().undecodable, 2);
+    assert_eq!(h.server.stats().version_mismatch, 1);
+}
+
+#[test]
+fn unpadded_login_gets_no_answer_and_no_reply_exceeds_an_unauthenticated_request() {
+    let mut h = H::new();
+    h.register("alice", "password").unwrap();
+    let short = proto::encode_client(&ClientMsg::Request(Request {
+        id: 1,
+        token: None,
+        body: RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] },
+    }));
+    assert!(short.len() < proto::MIN_UNAUTHENTICATED_REQUEST);
+    assert!(h.raw(a(1), &short).is_empty());
+    assert_eq!(h.server.session_count(), 0, "and nothing was executed");
+    for body in [
+        RequestBody::Ping,
+        RequestBody::Retrieve { count: 100, before: None },
+        RequestBody::ListUsers { pattern: "*".into(), after: None },
+        RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] },
+        RequestBody::Register { user: "zed".into(), password: "password".into(), pad: vec![] },
+    ] {
+        for token in [None, Some(Token([1; 16]))] {
+            let (_, bytes) = h.encode(token, body.clone());
+            for t in h.raw(a(1), &bytes) {
+                assert!(t.bytes.len() <= bytes.len(), "{body:?}: {} > {}", t.bytes.len(), bytes.len());
+            }
+        }
+    }
+}
+
+#[test]
+fn push_retransmission_timer_edges() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    h.req(a(2), Some(bob), RequestBody::Post { text: "hi".into() }).unwrap();
+    assert_eq!(h.pushes().len(), 1);
+    let ms = Duration::from_millis;
+    // Nothing before the timeout, a retransmission at it, then doubled backoff.
+    h.advance(ms(999));
+    assert!(h.pushes().is_empty());
+    h.advance(ms(1));
+    assert_eq!(h.pushes().len(), 1, "retransmitted at 1 s");
+    h.advance(ms(1999));
+    assert!(h.pushes().is_empty());
+    h.advance(ms(1));
+    assert_eq!(h.pushes().len(), 1, "then after 2 s");
+    h.advance(ms(3999));
+    assert!(h.pushes().is_empty());
+    h.advance(ms(1));
+    assert_eq!(h.pushes().len(), 1, "then after 4 s: fourth and last try");
+    // Give up after the last try: unresponsive, no more retransmissions.
+    h.advance(ms(8000));
+    assert!(h.pushes().is_empty());
+    assert_eq!(h.server.stats().sessions_unresponsive, 1);
+    h.advance(Duration::from_secs(60));
+    assert!(h.pushes().is_empty());
+    assert_eq!(h.server.inbox_ids("alice"), vec![1], "the message stays in the inbox");
+    // Heard from again: pushing resumes.
+    h.req(a(1), Some(alice), RequestBody::Ping).unwrap();
+    let p = h.pushes();
+    assert_eq!(p.len(), 1);
+    h.ack(alice, p[0].1);
+    h.advance(Duration::from_secs(30));
+    assert!(h.pushes().is_empty(), "acked: no more retransmissions");
+}
+
+#[test]
+fn acks_open_the_window_and_sample_rtt() {
+    let mut h = H::with(ServerConfig { push_window: 2, ..test_config() });
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    for i in 0..5 {
+        h.req(a(2), Some(bob), RequestBody::Post { text: format!("m{i}") }).unwrap();
+    }
+    let p = h.pushes();
+    assert_eq!(p.iter().map(|p| p.1).collect::<Vec<_>>(), vec![1, 2], "window of 2");
+    h.now += Duration::from_millis(50);
+    h.ack(alice, 1);
+    let p = h.pushes();
+    assert_eq!(p.iter().map(|p| p.1).collect::<Vec<_>>(), vec![3]);
+    assert_eq!(p[0].2.text, "m2", "in posting order");
+    // RTT 50 ms: SRTT 50, RTTVAR 25 -> RTO 150, floored at 200 ms.
+    // Push 3 went out after the sample, with the adapted timeout; push 2 keeps its 1 s timer.
+    h.advance(Duration::from_millis(199));
+    assert!(h.pushes().is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.pushes().iter().map(|p| p.1).collect::<Vec<_>>(), vec![3]);
+    // Push 3 again after the doubled 400 ms (at 650 ms), push 2 at its own 1 s.
+    h.advance(Duration::from_millis(400));
+    assert_eq!(h.pushes().iter().map(|p| p.1).collect::<Vec<_>>(), vec![3]);
+    h.advance(Duration::from_millis(349));
+    assert!(h.pushes().is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.pushes().iter().map(|p| p.1).collect::<Vec<_>>(), vec![2]);
+}
+
+#[test]
+fn sessions_expire_when_idle() {
+    let mut h = H::with(ServerConfig { session_idle_timeout_secs: 60, ..test_config() });
+    let t = h.user("alice", 1);
+    h.advance(Duration::from_secs(59));
+    assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::Pong));
+    h.advance(Duration::from_secs(59));
+    assert_eq!(h.server.session_count(), 1, "the ping kept it alive");
+    h.advance(Duration::from_secs(1));
+    assert_eq!(h.server.session_count(), 0);
+    assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Err(ErrorCode::SessionExpired));
+    assert_eq!(h.store.load().unwrap().sessions.len(), 0, "the expiry was stored");
+}
+
+#[test]
+fn only_authenticated_requests_move_the_push_address() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    // An ack from elsewhere, even with the right token, does not move it.
+    h.ack(alice, 99);
+    h.req(a(2), Some(bob), RequestBody::Post { text: "one".into() }).unwrap();
+    assert_eq!(h.pushes()[0].0, a(1));
+    h.ack(alice, 1);
+    // A request with a forged token from a new address moves nothing.
+    let _ = h.req(a(7), Some(Token([9; 16])), RequestBody::Ping);
+    // A request with alice's token from a new address does (NAT rebinding).
+    h.req(a(8), Some(alice), RequestBody::Ping).unwrap();
+    h.req(a(2), Some(bob), RequestBody::Post { text: "two".into() }).unwrap();
+    assert_eq!(h.pushes()[0].0, a(8));
+}
+
+#[test]
+fn users_whoami_and_relations() {
+    let mut h = H::new();
+    let t = h.user("alice", 1);
+    for u in ["bob", "bobby", "carol"] {
+        h.register(u, "password").unwrap();
+    }
+    assert_eq!(
+        h.req(a(1), Some(t), RequestBody::ListUsers { pattern: "bob*".into(), after: None }),
+        Ok(Response::Users { names: vec!["bob".into(), "bobby".into()], next: None })
+    );
+    assert_eq!(
+        h.req(a(1), Some(t), RequestBody::ListUsers { pattern: "a b".into(), after: None }),
+        Err(ErrorCode::InvalidPattern { max_len: 64 })
+    );
+    assert_eq!(
+        h.req(a(1), Some(t), RequestBody::WhoAmI),
+        Ok(Response::Me { user: "alice".into(), sessions: 1 })
+    );
+    h.req(a(1), Some(t), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    let Ok(Response::Relations { entries, next: None }) =
+        h.req(a(1), Some(t), RequestBody::Subscriptions { after: None })
+    else {
+        panic!()
+    };
+    assert_eq!(entries, vec![proto::Relation { user: "bob".into(), following: true, follower: false }]);
+}
+
+#[test]
+fn state_survives_a_reload_from_the_store() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    h.req(a(2), Some(bob), RequestBody::Post { text: "kept".into() }).unwrap();
+    h.store.begin_epoch().unwrap();
+    let snap = h.store.load().unwrap();
+    let rng = rand::rngs::StdRng::seed_from_u64(8);
+    h.server = Server::new(test_config(), HashParams::TEST, snap, Box::new(rng), h.now);
+    // The session token still works, the inbox and subscription are there.
+    let Ok(Response::Messages { messages, .. }) =
+        h.req(a(1), Some(alice), RequestBody::Retrieve { count: 5, before: None })
+    else {
+        panic!()
+    };
+    assert_eq!(messages.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), vec!["kept"]);
+    assert_eq!(
+        h.req(a(2), Some(bob), RequestBody::Post { text: "new".into() }),
+        Ok(Response::Posted { id: 2, recipients: 1 })
+    );
+}
+
+#[test]
+fn a_failed_commit_changes_nothing_and_the_retry_runs() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    let _ = h.pushes();
+    h.disk_full = true;
+    let (_, post) = h.encode(Some(bob), RequestBody::Post { text: "lost?".into() });
+    let replies = h.raw(a(2), &post);
+    assert_eq!(replies.len(), 1, "only the reply, no push");
+    assert!(matches!(
+        proto::decode_server(&replies[0].bytes),
+        Ok(ServerMsg::Reply { result: Err(ErrorCode::StorageUnavailable), .. })
+    ));
+    assert!(h.server.inbox_ids("alice").is_empty(), "undone in memory");
+    assert_eq!(h.login_from(a(3), "alice", "password"), Err(ErrorCode::StorageUnavailable));
+    assert_eq!(h.server.session_count(), 2, "the failed login left no session");
+    // Reads go on.
+    assert!(matches!(
+        h.req(a(1), Some(alice), RequestBody::Retrieve { count: 5, before: None }),
+        Ok(Response::Messages { .. })
+    ));
+    // The disk has room again: the client's retransmission of the same request now runs.
+    h.disk_full = false;
+    let replies = h.raw(a(2), &post);
+    let reply = replies.iter().find(|t| t.to == a(2)).unwrap();
+    assert!(matches!(
+        proto::decode_server(&reply.bytes),
+        Ok(ServerMsg::Reply { result: Ok(Response::Posted { .. }), .. })
+    ));
+    assert_eq!(h.server.inbox_ids("alice").len(), 1);
+    assert_eq!(h.store.load().unwrap().accounts.iter().find(|a| a.user == "alice").unwrap().inbox.len(), 1);
+    assert_eq!(replies.iter().filter(|t| t.to == a(1)).count(), 1, "pushed once");
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// No datagram can panic the core, and nothing sent to an unverified address is larger
+        /// than what came from it.
+        #[test]
+        fn arbitrary_bytes_never_panic(datagrams in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..1300), 1..20)) {
+            let mut h = H::new();
+            let t = h.user("alice", 1);
+            for mut d in datagrams {
+                // Half of them get a valid header so the body decoder is exercised.
+                if d.len() > 3 && d[0] % 2 == 0 {
+                    d[..3].copy_from_slice(b"UM\x01");
+                }
+                let len = d.len();
+                for out in h.raw(a(5), &d) {
+                    prop_assert!(out.bytes.len() <= len);
+                }
+            }
+            prop_assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::Pong));
+        }
+
+        /// Every well-formed request round-trips through the codec.
+        #[test]
+        fn structured_requests_never_panic(id in any::<u64>(), count in any::<u32>(), text in ".{0,1100}", name in "[a-z*?]{0,40}") {
+            let mut h = H::new();
+            let t = h.user("alice", 1);
+            for body in [
+                RequestBody::Post { text: text.clone() },
+                RequestBody::Send { to: name.clone(), text: text.clone() },
+                RequestBody::Retrieve { count, before: Some(id) },
+                RequestBody::ListUsers { pattern: name.clone(), after: Some(text.clone()) },
+                RequestBody::Subscribe { user: name.clone() },
+                RequestBody::Unsubscribe { user: name.clone() },
+            ] {
+                let msg = ClientMsg::Request(Request { id, token: Some(t), body });
+                let bytes = proto::encode_client(&msg);
+                if bytes.len() <= proto::MAX_DATAGRAM {
+                    prop_assert_eq!(proto::decode_client(&bytes), Ok(msg.clone()));
+                }
+                h.raw(a(1), &bytes);
+            }
+        }
+    }
+}

@@ -1,0 +1,452 @@
+//! The durable store: one SQLite database file, `udpmsg.db`, in the data directory.
+//!
+//! - WAL journal with `synchronous=FULL`: a batch that `commit` returned `Ok` for survives a
+//!   crash or power loss; one transaction per batch (group commit).
+//! - One daemon per directory: an exclusive lock on `udpmsgd.lock`, held while the store lives.
+//! - Schema versioned in `PRAGMA user_version` and migrated at open; a database from a newer
+//!   version is refused, naming both versions. A damaged file is refused, naming it, never
+//!   replaced by an empty one.
+//! - Inboxes are capped at `max_inbox` messages per user; the oldest go first.
+//!
+//! The SQL is plain (no SQLite-only types) so it carries over to PostgreSQL.
+
+use super::{AccountRecord, Snapshot, Store, StoreError, Write};
+use crate::proto::{Message, Token};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::BTreeSet;
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+/// The schema this build writes. Version history:
+/// 1: accounts, subscriptions, messages, inbox, sessions, meta.
+pub const SCHEMA_VERSION: i64 = 1;
+
+pub const DB_FILE: &str = "udpmsg.db";
+pub const LOCK_FILE: &str = "udpmsgd.lock";
+
+const SCHEMA_V1: &str = "
+CREATE TABLE accounts (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    last_delivered INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE subscriptions (
+    follower TEXT NOT NULL,
+    followed TEXT NOT NULL,
+    PRIMARY KEY (follower, followed)
+);
+CREATE INDEX subscriptions_followed ON subscriptions (followed);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    author TEXT NOT NULL,
+    recipient TEXT,
+    text TEXT NOT NULL
+);
+CREATE TABLE inbox (
+    user_name TEXT NOT NULL,
+    message_id INTEGER NOT NULL,
+    PRIMARY KEY (user_name, message_id)
+);
+CREATE TABLE sessions (
+    token BLOB PRIMARY KEY,
+    user_name TEXT NOT NULL
+);
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
+
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+    max_inbox: usize,
+    /// Held for the store's lifetime: the OS releases the lock when the process dies.
+    _lock: File,
+}
+
+fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("{}: {what}: {e}", path.display()))
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store in `dir`.
+    pub fn open(dir: &Path, max_inbox: usize) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| err(dir, "cannot create the data directory", e))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| err(dir, "the data directory is not writable", e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError(format!(
+                    "{}: another udpmsgd is already using this data directory (it holds {}); \
+                     run one daemon per directory",
+                    dir.display(),
+                    lock_path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(&lock_path, "cannot lock", e)),
+        }
+        let path = dir.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(|e| err(&path, "cannot open the database", e))?;
+        let mut store = SqliteStore { conn, path, max_inbox, _lock: lock };
+        store.setup()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn corrupt(&self, e: impl std::fmt::Display) -> StoreError {
+        StoreError(format!(
+            "{}: the database is damaged or not a udpmsg database ({e}); refusing to start. Restore it \
+             from a backup, or move it away to start with an empty one",
+            self.path.display()
+        ))
+    }
+
+    fn setup(&mut self) -> Result<(), StoreError> {
+        // The first statement reads the header: a file that is not a database fails here.
+        let check: String =
+            self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| self.corrupt(e))?;
+        if check != "ok" {
+            return Err(self.corrupt(check));
+        }
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(|e| err(&self.path, "cannot enable WAL", e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(err(&self.path, "cannot enable WAL", format!("journal mode is {mode}")));
+        }
+        self.conn
+            .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")
+            .map_err(|e| err(&self.path, "cannot configure", e))?;
+        let version: i64 =
+            self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| self.corrupt(e))?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError(format!(
+                "{}: the database has schema version {version}, this udpmsgd understands up to version \
+                 {SCHEMA_VERSION}; refusing to start (use a newer udpmsgd)",
+                self.path.display()
+            )));
+        }
+        if version < 1 {
+            let tx = self.conn.transaction().map_err(|e| err(&self.path, "cannot migrate", e))?;
+            tx.execute_batch(SCHEMA_V1).map_err(|e| err(&self.path, "cannot create the schema", e))?;
+            tx.pragma_update(None, "user_version", 1).map_err(|e| err(&self.path, "cannot migrate", e))?;
+            tx.commit().map_err(|e| err(&self.path, "cannot migrate", e))?;
+            log::info!("{}: created schema version 1", self.path.display());
+        }
+        // Later migrations go here: `if version < 2 { ... user_version = 2 }`.
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map(|v| v.unwrap_or(0))
+            .map_err(|e| err(&self.path, "cannot read", e))
+    }
+
+    fn read_all(&self) -> rusqlite::Result<Snapshot> {
+        let mut snap = Snapshot::default();
+        let mut accounts =
+            self.conn.prepare("SELECT name, password_hash, last_delivered FROM accounts ORDER BY name")?;
+        let rows = accounts.query_map([], |r| {
+            Ok(AccountRecord {
+                user: r.get(0)?,
+                password_hash: r.get(1)?,
+                last_delivered: r.get::<_, i64>(2)? as u64,
+                inbox: Vec::new(),
+            })
+        })?;
+        for a in rows {
+            snap.accounts.push(a?);
+        }
+        let mut inbox = self.conn.prepare(
+            "SELECT i.user_name, m.id, m.author, m.recipient, m.text FROM inbox i \
+             JOIN messages m ON m.id = i.message_id ORDER BY i.user_name, m.id",
+        )?;
+        let mut rows = inbox.query([])?;
+        let mut idx = 0;
+        while let Some(r) = rows.next()? {
+            let user: String = r.get(0)?;
+            let msg =
+                Message { id: r.get::<_, i64>(1)? as u64, author: r.get(2)?, to: r.get(3)?, text: r.get(4)? };
+            // Both lists are sorted by name: walk them together.
+            while idx < snap.accounts.len() && snap.accounts[idx].user < user {
+                idx += 1;
+            }
+            if idx < snap.accounts.len() && snap.accounts[idx].user == user {
+                snap.accounts[idx].inbox.push(msg);
+            }
+        }
+        let mut subs = self.conn.prepare("SELECT follower, followed FROM subscriptions")?;
+        for s in subs.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
+            snap.subscriptions.push(s?);
+        }
+        let mut sessions = self.conn.prepare("SELECT token, user_name FROM sessions")?;
+        for s in sessions.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))? {
+            let (t, user) = s?;
+            if let Ok(bytes) = <[u8; 16]>::try_from(t.as_slice()) {
+                snap.sessions.push((Token(bytes), user));
+            }
+        }
+        let max_id: i64 =
+            self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |r| r.get(0))?;
+        snap.next_message_id =
+            (max_id as u64 + 1).max(self.meta("next_message_id").unwrap_or(0) as u64).max(1);
+        snap.epoch = self.meta("epoch").unwrap_or(0) as u32;
+        Ok(snap)
+    }
+
+    /// Removes messages no inbox refers to any more (run at startup).
+    fn collect_garbage(&self) -> rusqlite::Result<usize> {
+        self.conn.execute("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM inbox)", [])
+    }
+}
+
+/// Applies one batch inside `tx`.
+fn apply(max_inbox: usize, tx: &rusqlite::Transaction<'_>, batch: &[Write]) -> rusqlite::Result<()> {
+    let mut touched: BTreeSet<&str> = BTreeSet::new();
+    for w in batch {
+        match w {
+            Write::CreateAccount { user, password_hash } => {
+                tx.prepare_cached(
+                    "INSERT INTO accounts (name, password_hash, last_delivered) VALUES (?1, ?2, 0)",
+                )?
+                .execute(params![user, password_hash])?;
+            }
+            Write::DeleteAccount { user } => {
+                for sql in [
+                    "DELETE FROM accounts WHERE name = ?1",
+                    "DELETE FROM subscriptions WHERE follower = ?1 OR followed = ?1",
+                    "DELETE FROM inbox WHERE user_name = ?1",
+                    "DELETE FROM sessions WHERE user_name = ?1",
+                ] {
+                    tx.prepare_cached(sql)?.execute([user])?;
+                }
+            }
+            Write::Subscribe { follower, followed } => {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO subscriptions (follower, followed) VALUES (?1, ?2)",
+                )?
+                .execute([follower, followed])?;
+            }
+            Write::Unsubscribe { follower, followed } => {
+                tx.prepare_cached("DELETE FROM subscriptions WHERE follower = ?1 AND followed = ?2")?
+                    .execute([follower, followed])?;
+            }
+            Write::StoreMessage { message, recipients } => {
+                tx.prepare_cached(
+                    "INSERT INTO messages (id, author, recipient, text) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    message.id as i64,
+                    message.author,
+                    message.to,
+                    message.text
+                ])?;
+                let mut ins =
+                    tx.prepare_cached("INSERT INTO inbox (user_name, message_id) VALUES (?1, ?2)")?;
+                for r in recipients {
+                    ins.execute(params![r, message.id as i64])?;
+                    touched.insert(r);
+                }
+                tx.prepare_cached(
+                    "INSERT INTO meta (key, value) VALUES ('next_message_id', ?1) \
+                     ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+                )?
+                .execute([message.id as i64 + 1])?;
+            }
+            Write::Delivered { user, up_to } => {
+                tx.prepare_cached(
+                    "UPDATE accounts SET last_delivered = MAX(last_delivered, ?2) WHERE name = ?1",
+                )?
+                .execute(params![user, *up_to as i64])?;
+            }
+            Write::OpenSession { token, user } => {
+                tx.prepare_cached("INSERT OR REPLACE INTO sessions (token, user_name) VALUES (?1, ?2)")?
+                    .execute(params![&token.0[..], user])?;
+            }
+            Write::CloseSession { token } => {
+                tx.prepare_cached("DELETE FROM sessions WHERE token = ?1")?.execute([&token.0[..]])?;
+            }
+        }
+    }
+    // Retention: keep the newest `max_inbox` per touched inbox.
+    let mut trim = tx.prepare_cached(
+        "DELETE FROM inbox WHERE user_name = ?1 AND message_id < \
+         (SELECT message_id FROM inbox WHERE user_name = ?1 ORDER BY message_id DESC LIMIT 1 OFFSET ?2)",
+    )?;
+    for user in touched {
+        trim.execute(params![user, max_inbox as i64 - 1])?;
+    }
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn begin_epoch(&mut self) -> Result<u32, StoreError> {
+        let epoch = self.meta("epoch")? + 1;
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [epoch],
+            )
+            .map_err(|e| err(&self.path, "cannot write", e))?;
+        match self.collect_garbage() {
+            Ok(n) if n > 0 => log::info!("removed {n} messages no inbox refers to"),
+            Ok(_) => {}
+            Err(e) => log::warn!("{}: cannot remove unreferenced messages: {e}", self.path.display()),
+        }
+        Ok(epoch as u32)
+    }
+
+    fn load(&mut self) -> Result<Snapshot, StoreError> {
+        self.read_all().map_err(|e| err(&self.path, "cannot read", e))
+    }
+
+    fn commit(&mut self, batch: &[Write]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let max_inbox = self.max_inbox;
+        let tx = self.conn.transaction().map_err(|e| err(&path, "cannot begin a transaction", e))?;
+        match apply(max_inbox, &tx, batch) {
+            Ok(()) => tx.commit().map_err(|e| err(&path, "commit failed", e)),
+            Err(e) => {
+                let _ = tx.rollback();
+                Err(err(&path, "write failed", e))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Dir(PathBuf);
+    impl Dir {
+        fn new(tag: &str) -> Dir {
+            let nanos =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+            Dir(std::env::temp_dir().join(format!("udpmsg-sqlite-{tag}-{}-{nanos}", std::process::id())))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn msg(id: u64, author: &str) -> Message {
+        Message { id, author: author.into(), to: None, text: format!("text {id}") }
+    }
+
+    #[test]
+    fn batches_survive_reopening() {
+        let dir = Dir::new("reopen");
+        let t = Token([5; 16]);
+        {
+            let mut s = SqliteStore::open(&dir.0, 3).unwrap();
+            assert_eq!(s.begin_epoch().unwrap(), 1);
+            s.commit(&[
+                Write::CreateAccount { user: "alice".into(), password_hash: "h1".into() },
+                Write::CreateAccount { user: "bob".into(), password_hash: "h2".into() },
+                Write::Subscribe { follower: "alice".into(), followed: "bob".into() },
+                Write::OpenSession { token: t, user: "alice".into() },
+            ])
+            .unwrap();
+            for id in 1..=5 {
+                s.commit(&[Write::StoreMessage {
+                    message: msg(id, "bob"),
+                    recipients: vec!["alice".into()],
+                }])
+                .unwrap();
+            }
+            s.commit(&[Write::Delivered { user: "alice".into(), up_to: 4 }]).unwrap();
+        }
+        let mut s = SqliteStore::open(&dir.0, 3).unwrap();
+        assert_eq!(s.begin_epoch().unwrap(), 2, "epochs grow across runs");
+        let snap = s.load().unwrap();
+        let alice = snap.accounts.iter().find(|a| a.user == "alice").unwrap();
+        assert_eq!(alice.inbox.iter().map(|m| m.id).collect::<Vec<_>>(), vec![3, 4, 5], "inbox capped at 3");
+        assert_eq!(alice.last_delivered, 4);
+        assert_eq!(snap.subscriptions, vec![("alice".to_string(), "bob".to_string())]);
+        assert_eq!(snap.sessions, vec![(t, "alice".to_string())]);
+        assert_eq!(snap.next_message_id, 6);
+        assert_eq!(snap.epoch, 2);
+    }
+
+    #[test]
+    fn deleting_an_account_removes_its_data_but_ids_are_never_reused() {
+        let dir = Dir::new("delete");
+        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+        s.commit(&[
+            Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
+            Write::CreateAccount { user: "bob".into(), password_hash: "h".into() },
+            Write::Subscribe { follower: "alice".into(), followed: "bob".into() },
+            Write::StoreMessage { message: msg(7, "bob"), recipients: vec!["alice".into()] },
+            Write::OpenSession { token: Token([1; 16]), user: "alice".into() },
+        ])
+        .unwrap();
+        s.commit(&[Write::DeleteAccount { user: "alice".into() }]).unwrap();
+        drop(s);
+        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+        s.begin_epoch().unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.accounts.iter().map(|a| a.user.as_str()).collect::<Vec<_>>(), vec!["bob"]);
+        assert!(snap.subscriptions.is_empty() && snap.sessions.is_empty());
+        assert_eq!(snap.next_message_id, 8, "the id of a collected message is not reused");
+    }
+
+    #[test]
+    fn a_failed_batch_leaves_nothing() {
+        let dir = Dir::new("atomic");
+        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+        s.commit(&[Write::CreateAccount { user: "alice".into(), password_hash: "h".into() }]).unwrap();
+        // The second insert of the same account violates the primary key: the whole batch fails.
+        let r = s.commit(&[
+            Write::CreateAccount { user: "bob".into(), password_hash: "h".into() },
+            Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
+        ]);
+        assert!(r.is_err());
+        let names: Vec<String> = s.load().unwrap().accounts.into_iter().map(|a| a.user).collect();
+        assert_eq!(names, vec!["alice"]);
+    }
+
+    #[test]
+    fn one_daemon_per_directory() {
+        let dir = Dir::new("lock");
+        let _first = SqliteStore::open(&dir.0, 10).unwrap();
+        let err = SqliteStore::open(&dir.0, 10).err().unwrap();
+        assert!(err.0.contains("another udpmsgd"), "{err}");
+    }
+
+    #[test]
+    fn newer_schema_and_corrupt_files_are_refused() {
+        let dir = Dir::new("newer");
+        {
+            let s = SqliteStore::open(&dir.0, 10).unwrap();
+            s.conn.pragma_update(None, "user_version", 9).unwrap();
+        }
+        let err = SqliteStore::open(&dir.0, 10).err().unwrap();
+        assert!(err.0.contains("schema version 9") && err.0.contains("up to version 1"), "{err}");
+
+        let dir = Dir::new("corrupt");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::write(dir.0.join(DB_FILE), vec![0x42u8; 8192]).unwrap();
+        let err = SqliteStore::open(&dir.0, 10).err().unwrap();
+        assert!(err.0.contains("udpmsg.db") && err.0.contains("damaged"), "{err}");
+        assert_eq!(std::fs::read(dir.0.join(DB_FILE)).unwrap(), vec![0x42u8; 8192], "left untouched");
+    }
+}

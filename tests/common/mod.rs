@@ -1,0 +1,265 @@
+//! Helpers for tests that run the real binaries on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::thread;
+use std::time::{Duration, Instant};
+
+pub mod scenario;
+
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "udpmsgd" => PathBuf::from(env!("CARGO_BIN_EXE_udpmsgd")),
+        "udpmsg" => PathBuf::from(env!("CARGO_BIN_EXE_udpmsg")),
+        "udpmsg-proxy" => PathBuf::from(env!("CARGO_BIN_EXE_udpmsg-proxy")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// A fresh temporary directory (removed on drop).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let p = std::env::temp_dir().join(format!("udpmsg-test-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Lines a child printed, collected by a thread so reads never block the test.
+pub struct Lines {
+    rx: Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Lines {
+    pub fn new(r: impl Read + Send + 'static) -> Lines {
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { rx, seen: Vec::new() }
+    }
+
+    /// Waits up to `timeout` for a line satisfying `pred`; returns it.
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return Some(l.clone());
+        }
+        let end = Instant::now() + timeout;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Everything printed until the child closed the stream (or `timeout`).
+    pub fn rest(&mut self, timeout: Duration) -> Vec<String> {
+        let end = Instant::now() + timeout;
+        while let Ok(line) = self.rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            self.seen.push(line);
+        }
+        self.seen.clone()
+    }
+}
+
+/// A running `udpmsgd`, killed on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stdout: Lines,
+    pub stderr: Lines,
+    pub dir: TempDir,
+}
+
+/// Settings for test daemons: cheap argon2, quick timers.
+pub const FAST_CONFIG: &str = "argon2_memory_kib = 64\nargon2_iterations = 1\n";
+
+impl Daemon {
+    /// Starts `udpmsgd --listen 127.0.0.1:0` with `config` as its server.toml, in a fresh
+    /// directory, and waits for its `listening on` line.
+    pub fn start(config: &str) -> Daemon {
+        let dir = TempDir::new("daemon");
+        Self::start_in(dir, config, &[])
+    }
+
+    pub fn start_in(dir: TempDir, config: &str, extra: &[&str]) -> Daemon {
+        let cfg = dir.path().join("server.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(bin("udpmsgd"))
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(extra)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn udpmsgd");
+        let mut stdout = Lines::new(child.stdout.take().unwrap());
+        let stderr = Lines::new(child.stderr.take().unwrap());
+        let line = stdout
+            .wait_for(Duration::from_secs(20), |l| l.starts_with("listening on "))
+            .expect("udpmsgd printed its address");
+        let addr = line["listening on ".len()..].parse().expect("an address");
+        Daemon { child, addr, stdout, stderr, dir }
+    }
+
+    /// SIGTERM, then wait; returns whether it exited successfully.
+    pub fn stop(&mut self) -> bool {
+        unsafe_kill(self.child.id(), "TERM");
+        wait_timeout(&mut self.child, Duration::from_secs(10)).is_some_and(|s| s.success())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Result of a one-shot client run.
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: Vec<String>,
+    pub stderr: Vec<String>,
+}
+
+/// Runs `udpmsg --server ADDR` with `input` on stdin until it exits.
+pub fn run_client(server: SocketAddr, args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(bin("udpmsg"))
+        .arg("--server")
+        .arg(server.to_string())
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn udpmsg");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let mut out = Lines::new(child.stdout.take().unwrap());
+    let mut err = Lines::new(child.stderr.take().unwrap());
+    let status = wait_timeout(&mut child, Duration::from_secs(120));
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    Output {
+        code: status.and_then(|s| s.code()),
+        stdout: out.rest(Duration::from_secs(5)),
+        stderr: err.rest(Duration::from_secs(5)),
+    }
+}
+
+/// A long-running client whose stdin stays open: feed it lines, read what it prints.
+pub struct LiveClient {
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl LiveClient {
+    pub fn start(server: SocketAddr, args: &[&str]) -> LiveClient {
+        Self::start_wrapped(&[], server, args)
+    }
+
+    /// Runs the client under `wrapper` (e.g. `ip netns exec NS`).
+    pub fn start_wrapped(wrapper: &[&str], server: SocketAddr, args: &[&str]) -> LiveClient {
+        let (program, pre) = match wrapper.split_first() {
+            Some((p, rest)) => (PathBuf::from(p), rest.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
+            None => (bin("udpmsg"), Vec::new()),
+        };
+        let mut cmd = Command::new(program);
+        cmd.args(&pre);
+        if !wrapper.is_empty() {
+            cmd.arg(bin("udpmsg"));
+        }
+        let mut child = cmd
+            .arg("--server")
+            .arg(server.to_string())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn udpmsg");
+        let stdin = child.stdin.take();
+        let stdout = Lines::new(child.stdout.take().unwrap());
+        let stderr = Lines::new(child.stderr.take().unwrap());
+        LiveClient { child, stdin, stdout, stderr }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin and waits for the exit status.
+    pub fn finish(&mut self) -> Option<i32> {
+        self.stdin = None;
+        let s = wait_timeout(&mut self.child, Duration::from_secs(120));
+        s.and_then(|s| s.code())
+    }
+}
+
+impl Drop for LiveClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
