@@ -89,6 +89,8 @@ pub struct ServerConfig {
     /// Threads that hash and verify passwords off the event loop, and their bounded queue.
     pub password_workers: u32,
     pub password_queue: u32,
+    /// Log a one-line summary of the counters this often (0: only at exit).
+    pub stats_log_interval_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +125,7 @@ impl Default for ServerConfig {
             argon2_parallelism: 1,
             password_workers: 2,
             password_queue: 256,
+            stats_log_interval_secs: 300,
         }
     }
 }
@@ -175,6 +178,7 @@ impl ServerConfig {
         range("argon2_parallelism", self.argon2_parallelism, 1, 64)?;
         range("password_workers", self.password_workers, 1, 256)?;
         range("password_queue", self.password_queue, 1, 1_000_000)?;
+        range("stats_log_interval_secs", self.stats_log_interval_secs, 0, 86_400)?;
         Ok(())
     }
 

@@ -83,6 +83,7 @@ pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Resul
     let rng = rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
         .map_err(|e| format!("cannot seed the random generator: {e}"))?;
     let storage = cfg.storage;
+    let stats_interval = cfg.stats_log_interval_secs;
     let mut core = Server::new(cfg, params, snapshot, Box::new(rng), Instant::now());
 
     info!("listening on {local} (storage: {storage:?}, protocol v{})", udpmsg::proto::VERSION);
@@ -92,11 +93,17 @@ pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Resul
     let mut outbox = Outbox::new(OUTBOX_MAX);
     let mut buf = vec![0u8; RECV_BUF];
     let mut readable = true;
+    let stats_every = (stats_interval > 0).then(|| Duration::from_secs(stats_interval));
+    let mut next_stats = stats_every.map(|d| Instant::now() + d);
     loop {
         let timeout = if readable {
             Some(Duration::ZERO)
         } else {
-            core.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()))
+            let wake = match (core.poll_timeout(), next_stats) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            wake.map(|t| t.saturating_duration_since(Instant::now()))
         };
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
@@ -148,17 +155,48 @@ pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Resul
         while let Some(t) = core.poll_transmit() {
             outbox.send(&socket, t.to, t.bytes);
         }
+        if let (Some(at), Some(every)) = (next_stats, stats_every) {
+            if now >= at {
+                info!("stats: {}", summary(&core, &outbox));
+                next_stats = Some(now + every);
+            }
+        }
     }
     commit(&mut core, store.as_mut(), Instant::now())?;
     while let Some(t) = core.poll_transmit() {
         outbox.send(&socket, t.to, t.bytes);
     }
-    let s = core.stats();
-    info!(
-        "stopped: {} datagrams in, {} requests, {} errors, {} undecodable, {} pushes sent, {} acked, {} commits, {} datagrams out, {} send drops",
-        s.datagrams_in, s.requests, s.errors, s.undecodable, s.pushes_sent, s.pushes_acked, s.commits, outbox.sent, outbox.dropped
-    );
+    info!("stopped: {}", summary(&core, &outbox));
     Ok(())
+}
+
+/// One line of counters, logged every `stats_log_interval_secs` and at exit.
+fn summary(core: &Server, outbox: &Outbox) -> String {
+    let s = core.stats();
+    let mean_batch = if s.commits > 0 { s.committed_writes as f64 / s.commits as f64 } else { 0.0 };
+    format!(
+        "sessions={} opened={} expired={} datagrams_in={} requests={} errors={} duplicates={} undecodable={} \
+         pushes_sent={} acked={} retransmitted={} dropped={} commits={} commit_failures={} writes={} \
+         mean_batch={mean_batch:.1} max_batch={} datagrams_out={} send_drops={}",
+        core.session_count(),
+        s.sessions_opened,
+        s.sessions_expired,
+        s.datagrams_in,
+        s.requests,
+        s.errors,
+        s.duplicate_requests,
+        s.undecodable,
+        s.pushes_sent,
+        s.pushes_acked,
+        s.pushes_retransmitted,
+        s.pushes_dropped,
+        s.commits,
+        s.commit_failures,
+        s.committed_writes,
+        s.largest_batch,
+        outbox.sent,
+        outbox.dropped,
+    )
 }
 
 /// Group commit: everything this turn wrote, in one batch; the replies that depend on it are
