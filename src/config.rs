@@ -89,8 +89,18 @@ pub struct ServerConfig {
     /// Threads that hash and verify passwords off the event loop, and their bounded queue.
     pub password_workers: u32,
     pub password_queue: u32,
+    /// Failed logins allowed in a burst per account name and per source address, and the
+    /// seconds after which one more attempt is allowed. A throttled login costs no hash.
+    pub login_failures_per_user_burst: u32,
+    pub login_failures_per_user_refill_secs: u64,
+    pub login_failures_per_address_burst: u32,
+    pub login_failures_per_address_refill_secs: u64,
+    /// Requests per second one session may make (bursts of twice that).
+    pub session_requests_per_sec: u32,
     /// Log a one-line summary of the counters this often (0: only at exit).
     pub stats_log_interval_secs: u64,
+    /// error, warn, info, debug or trace; the `RUST_LOG` environment variable overrides it.
+    pub log_level: String,
 }
 
 impl Default for ServerConfig {
@@ -125,7 +135,13 @@ impl Default for ServerConfig {
             argon2_parallelism: 1,
             password_workers: 2,
             password_queue: 256,
+            login_failures_per_user_burst: 5,
+            login_failures_per_user_refill_secs: 30,
+            login_failures_per_address_burst: 20,
+            login_failures_per_address_refill_secs: 3,
+            session_requests_per_sec: 200,
             stats_log_interval_secs: 300,
+            log_level: "info".into(),
         }
     }
 }
@@ -178,7 +194,23 @@ impl ServerConfig {
         range("argon2_parallelism", self.argon2_parallelism, 1, 64)?;
         range("password_workers", self.password_workers, 1, 256)?;
         range("password_queue", self.password_queue, 1, 1_000_000)?;
+        range("login_failures_per_user_burst", self.login_failures_per_user_burst, 1, 10_000)?;
+        range("login_failures_per_user_refill_secs", self.login_failures_per_user_refill_secs, 0, 86_400)?;
+        range("login_failures_per_address_burst", self.login_failures_per_address_burst, 1, 1_000_000)?;
+        range(
+            "login_failures_per_address_refill_secs",
+            self.login_failures_per_address_refill_secs,
+            0,
+            86_400,
+        )?;
+        range("session_requests_per_sec", self.session_requests_per_sec, 1, 1_000_000)?;
         range("stats_log_interval_secs", self.stats_log_interval_secs, 0, 86_400)?;
+        if !["off", "error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
+            return Err(ConfigError(format!(
+                "invalid value \"{}\" for `log_level`: allowed are off, error, warn, info, debug, trace",
+                self.log_level
+            )));
+        }
         Ok(())
     }
 
@@ -274,6 +306,118 @@ pub fn load<T: for<'de> Deserialize<'de> + Default>(path: &Path, explicit: bool)
     }
 }
 
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    Env(String),
+    CommandLine,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => write!(f, "default"),
+            Source::File(p) => write!(f, "file {}", p.display()),
+            Source::Env(v) => write!(f, "environment {v}"),
+            Source::CommandLine => write!(f, "command line"),
+        }
+    }
+}
+
+/// Prefix of the environment variables that set daemon settings: `UDPMSG_LISTEN`,
+/// `UDPMSG_MAX_TEXT_BYTES`, ... (the key in upper case).
+pub const ENV_PREFIX: &str = "UDPMSG_";
+
+/// A server config assembled from layers, with the origin of every key.
+#[derive(Debug, Clone)]
+pub struct Layered {
+    pub config: ServerConfig,
+    pub sources: std::collections::BTreeMap<String, Source>,
+}
+
+impl Layered {
+    /// The effective configuration as TOML, each key annotated with where it came from.
+    pub fn render(&self) -> String {
+        let table = toml::Table::try_from(&self.config).expect("config serializes");
+        let mut out = String::new();
+        for (key, value) in &table {
+            let source = self.sources.get(key).cloned().unwrap_or(Source::Default);
+            out.push_str(&format!("{key} = {value}  # {source}\n"));
+        }
+        out
+    }
+}
+
+/// Builds the daemon's configuration: command line > environment > file > defaults. `env` is the
+/// process environment (only `UDPMSG_*` variables are looked at; an unknown one is an error, as
+/// an unknown key in the file is); `cli` holds the command-line overrides as TOML values. The
+/// result is validated.
+pub fn layered_server(
+    path: &Path,
+    explicit: bool,
+    env: impl IntoIterator<Item = (String, String)>,
+    cli: toml::Table,
+) -> Result<Layered, ConfigError> {
+    let defaults = toml::Table::try_from(ServerConfig::default()).expect("config serializes");
+    let mut merged = defaults.clone();
+    let mut sources: std::collections::BTreeMap<String, Source> =
+        defaults.keys().map(|k| (k.clone(), Source::Default)).collect();
+    let origin = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                ConfigError(format!("{origin}: {}", e.to_string().trim_end()))
+            })?;
+            for (k, v) in file {
+                if !defaults.contains_key(&k) {
+                    return Err(ConfigError(format!("{origin}: unknown key `{k}`")));
+                }
+                sources.insert(k.clone(), Source::File(path.to_path_buf()));
+                merged.insert(k, v);
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
+        Err(e) => return Err(ConfigError(format!("{origin}: cannot read: {e}"))),
+    }
+    let mut env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    env.sort();
+    for (var, raw) in env {
+        let key = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+        if !defaults.contains_key(&key) {
+            return Err(ConfigError(format!("environment: unknown setting {var} (no key `{key}`)")));
+        }
+        // A TOML value (number, boolean, quoted string) as written, else a bare string.
+        let value = format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(raw));
+        sources.insert(key.clone(), Source::Env(var));
+        merged.insert(key, value);
+    }
+    for (k, v) in cli {
+        sources.insert(k.clone(), Source::CommandLine);
+        merged.insert(k, v);
+    }
+    let config: ServerConfig = merged.try_into().map_err(|e: toml::de::Error| {
+        // Name the layer the bad value came from.
+        let msg = e.to_string();
+        let culprit =
+            sources.iter().find(|(k, _)| msg.contains(k.as_str())).map(|(k, s)| format!(" (`{k}` from {s})"));
+        ConfigError(format!("{origin}: {}{}", msg.trim_end(), culprit.unwrap_or_default()))
+    })?;
+    config.validate().map_err(|e| {
+        let culprit = sources
+            .iter()
+            .find(|(k, _)| e.0.contains(&format!("`{k}`")))
+            .map(|(_, s)| format!(" (from {s})"));
+        ConfigError(format!("{origin}: {e}{}", culprit.unwrap_or_default()))
+    })?;
+    Ok(Layered { config, sources })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,6 +462,43 @@ mod tests {
         assert!(err.0.contains("max_text_bytes") && err.0.contains("1..=1024"), "{err}");
         let cfg: ClientConfig = parse("request_max_tries = 0", "c.toml").unwrap();
         assert!(cfg.validate().unwrap_err().0.contains("request_max_tries"));
+    }
+
+    #[test]
+    fn layers_command_line_over_environment_over_file() {
+        let dir = std::env::temp_dir().join(format!("udpmsg-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("server.toml");
+        std::fs::write(&path, "max_text_bytes = 500\nmax_retrieve = 50\nlisten = \"127.0.0.1:1\"\n").unwrap();
+        let env = vec![
+            ("UDPMSG_MAX_RETRIEVE".to_string(), "60".to_string()),
+            ("UDPMSG_LISTEN".to_string(), "127.0.0.1:2".to_string()),
+            ("HOME".to_string(), "/root".to_string()),
+        ];
+        let mut cli = toml::Table::new();
+        cli.insert("listen".into(), toml::Value::String("127.0.0.1:3".into()));
+        let l = layered_server(&path, true, env, cli).unwrap();
+        assert_eq!(l.config.max_text_bytes, 500);
+        assert_eq!(l.config.max_retrieve, 60);
+        assert_eq!(l.config.listen, "127.0.0.1:3".parse().unwrap());
+        assert_eq!(l.sources["max_text_bytes"], Source::File(path.clone()));
+        assert_eq!(l.sources["max_retrieve"], Source::Env("UDPMSG_MAX_RETRIEVE".into()));
+        assert_eq!(l.sources["listen"], Source::CommandLine);
+        assert_eq!(l.sources["max_inbox"], Source::Default);
+        let printed = l.render();
+        assert!(printed.contains("max_retrieve = 60  # environment UDPMSG_MAX_RETRIEVE"), "{printed}");
+
+        let bad =
+            layered_server(&path, true, vec![("UDPMSG_MAX_RETRIEVE".into(), "0".into())], toml::Table::new());
+        let e = bad.unwrap_err().0;
+        assert!(e.contains("max_retrieve") && e.contains("UDPMSG_MAX_RETRIEVE"), "{e}");
+        let unknown =
+            layered_server(&path, true, vec![("UDPMSG_LISEN".into(), "x".into())], toml::Table::new());
+        assert!(unknown.unwrap_err().0.contains("UDPMSG_LISEN"));
+        std::fs::write(&path, "lisen = 1\n").unwrap();
+        let e = layered_server(&path, true, Vec::new(), toml::Table::new()).unwrap_err().0;
+        assert!(e.contains("lisen") && e.contains("server.toml"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

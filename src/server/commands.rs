@@ -42,7 +42,7 @@ impl Server {
         }
         let answer = match (body, session) {
             (RequestBody::Register { user, password, .. }, _) => self.register(reply, user, password),
-            (RequestBody::Login { user, password, .. }, _) => self.login(reply, user, password),
+            (RequestBody::Login { user, password, .. }, _) => self.login(now, reply, user, password),
             // Health checks: a ping without a token is answered (with as many bytes as it had).
             (RequestBody::Ping, None) if token.is_none() => Some(Ok(Response::Pong)),
             (_, None) => Some(Err(self.no_session_error(token))),
@@ -125,26 +125,35 @@ impl Server {
         }
     }
 
-    fn login(&mut self, reply: ReplyTo, user: String, password: String) -> Answer {
+    fn login(&mut self, now: Instant, reply: ReplyTo, user: String, password: String) -> Answer {
         if password.len() > self.cfg.max_password_len as usize {
             return Some(Err(ErrorCode::BadCredentials));
         }
+        // Throttled attempts are refused before any hashing: they cost us nothing.
+        let ip = reply.to.ip();
+        let wait = self.login_by_user.blocked(now, &user).max(self.login_by_addr.blocked(now, &ip));
+        if let Some(wait) = wait {
+            self.stats.logins_throttled += 1;
+            let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u32;
+            return Some(Err(ErrorCode::RateLimited { retry_after_secs }));
+        }
+        // Every attempt takes a token; a successful one gives it back.
+        let _ = self.login_by_user.take(now, &user);
+        let _ = self.login_by_addr.take(now, &ip);
+        // An unknown user is verified against a dummy hash, so that it costs the same time as a
+        // wrong password; the outcome is ignored.
         let hash = match self.users.get(&user) {
             Some(acc) => acc.password_hash.clone(),
-            None => {
-                // Verify against a dummy so an unknown user costs the same time as a wrong
-                // password; the outcome is ignored.
-                if self.dummy_hash.is_none() {
-                    self.dummy_hash = crate::password::hash("dummy password", self.hash_params);
-                }
-                self.dummy_hash.clone().unwrap_or_default()
-            }
+            None => self.dummy_hash.clone(),
         };
-        match self
-            .submit_job(JobKind::Verify { password, hash: hash.clone() }, Auth::Login { user, reply, hash })
-        {
+        let job = JobKind::Verify { password, hash: hash.clone() };
+        match self.submit_job(job, Auth::Login { user: user.clone(), reply, hash }) {
             Ok(()) => None,
-            Err(e) => Some(Err(e)),
+            Err(e) => {
+                self.login_by_user.give_back(&user);
+                self.login_by_addr.give_back(&ip);
+                Some(Err(e))
+            }
         }
     }
 
@@ -177,6 +186,10 @@ impl Server {
             Auth::Login { user, reply, hash } => {
                 let ok = outcome == PasswordOutcome::Verified(true)
                     && self.users.get(&user).is_some_and(|a| a.password_hash == hash);
+                if ok {
+                    self.login_by_user.give_back(&user);
+                    self.login_by_addr.give_back(&reply.to.ip());
+                }
                 let result =
                     if ok { self.open_session(now, reply, user) } else { Err(ErrorCode::BadCredentials) };
                 self.forget_error(reply, &result);
@@ -185,7 +198,7 @@ impl Server {
             Auth::Delete { user, reply, token } => {
                 let ok = outcome == PasswordOutcome::Verified(true) && self.sessions.contains_key(&token);
                 let result = if ok {
-                    self.delete_account(&user);
+                    self.delete_account(&user, true);
                     Ok(Response::Deleted)
                 } else {
                     Err(ErrorCode::BadCredentials)
@@ -232,7 +245,9 @@ impl Server {
         Ok(Response::LoggedIn { token, missed: missed.len() as u32, catching_up: catching_up as u32 })
     }
 
-    fn delete_account(&mut self, user: &str) {
+    /// Removes an account from memory; `store_it` unless the store already has (an admin
+    /// command deleted it).
+    pub(super) fn delete_account(&mut self, user: &str, store_it: bool) {
         let Some(acc) = self.users.remove(user) else { return };
         for t in &acc.sessions {
             self.close_session(*t, false);
@@ -247,7 +262,9 @@ impl Server {
                 other.following.remove(user);
             }
         }
-        self.write(Write::DeleteAccount { user: user.to_string() });
+        if store_it {
+            self.write(Write::DeleteAccount { user: user.to_string() });
+        }
         info!("deleted account {user}");
     }
 

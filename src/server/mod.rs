@@ -20,6 +20,7 @@
 mod commands;
 mod reply_cache;
 mod session;
+mod throttle;
 
 use crate::config::ServerConfig;
 use crate::password::{HashParams, PasswordJob, PasswordOutcome};
@@ -30,9 +31,10 @@ use reply_cache::{Entry, Key, ReplyCache};
 use session::{Seen, Session};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use throttle::Throttle;
 
 /// A datagram to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub struct Stats {
     pub committed_writes: u64,
     pub largest_batch: u64,
     pub busy: u64,
+    pub logins_throttled: u64,
+    pub requests_throttled: u64,
 }
 
 /// An account in memory.
@@ -147,10 +151,14 @@ pub struct Server {
     /// A batch handed out by `take_writes` and not yet reported.
     in_flight_batch: Option<u64>,
     stats: Stats,
-    /// A dummy hash to verify against for unknown users, so timing does not reveal who exists.
-    dummy_hash: Option<String>,
+    /// A hash to verify against for unknown users, so timing does not reveal who exists.
+    dummy_hash: String,
+    login_by_user: Throttle<String>,
+    login_by_addr: Throttle<IpAddr>,
 }
 
+/// Accounts and addresses whose failed logins are tracked at once.
+const THROTTLE_KEYS: usize = 65_536;
 /// Most recently expired tokens remembered.
 const EXPIRED_MEMORY: usize = 65_536;
 /// Room a reply page leaves for framing around its entries.
@@ -166,6 +174,16 @@ impl Server {
         now: Instant,
     ) -> Self {
         let users = accounts_from(snapshot.accounts, snapshot.subscriptions);
+        let login_by_user = Throttle::new(
+            cfg.login_failures_per_user_burst,
+            Duration::from_secs(cfg.login_failures_per_user_refill_secs),
+            THROTTLE_KEYS,
+        );
+        let login_by_addr = Throttle::new(
+            cfg.login_failures_per_address_burst,
+            Duration::from_secs(cfg.login_failures_per_address_refill_secs),
+            THROTTLE_KEYS,
+        );
         let mut server = Server {
             replies: ReplyCache::new(cfg.reply_cache_ttl(), cfg.reply_cache_max_unauthenticated as usize),
             cfg,
@@ -190,7 +208,10 @@ impl Server {
             committed_batch: 0,
             in_flight_batch: None,
             stats: Stats::default(),
-            dummy_hash: None,
+            // Computed once here (a few ms at startup) rather than on the event loop later.
+            dummy_hash: crate::password::hash("no such user", hash_params).unwrap_or_default(),
+            login_by_user,
+            login_by_addr,
         };
         for (token, user) in snapshot.sessions {
             server.restore_session(now, token, user);
@@ -224,8 +245,18 @@ impl Server {
         &self.cfg
     }
 
-    /// Replaces the settings that can change at runtime (limits and timers).
+    /// Replaces the settings that can change at runtime (limits and timers). Settings that
+    /// need a restart (`listen`, `data_dir`, `storage`) are the shell's to keep.
     pub fn set_config(&mut self, cfg: ServerConfig) {
+        self.login_by_user.burst = cfg.login_failures_per_user_burst;
+        self.login_by_user.refill = Duration::from_secs(cfg.login_failures_per_user_refill_secs);
+        self.login_by_addr.burst = cfg.login_failures_per_address_burst;
+        self.login_by_addr.refill = Duration::from_secs(cfg.login_failures_per_address_refill_secs);
+        self.hash_params = HashParams {
+            memory_kib: cfg.argon2_memory_kib,
+            iterations: cfg.argon2_iterations,
+            parallelism: cfg.argon2_parallelism,
+        };
         self.cfg = cfg;
     }
 
@@ -298,8 +329,17 @@ impl Server {
                         return;
                     }
                 }
-                s.dedup.mark(req.id);
                 s.last_seen = now;
+                let per_sec = self.cfg.session_requests_per_sec;
+                if let Err(wait) = s.rate.take(now, per_sec * 2, Duration::from_secs(1) / per_sec) {
+                    // Not marked as executed: the same request may come again later.
+                    self.stats.requests_throttled += 1;
+                    let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u32;
+                    let r = ReplyTo { to: from, id: req.id, slot: Slot::None, limit: None };
+                    self.reply(now, r, Err(ErrorCode::RateLimited { retry_after_secs }));
+                    return;
+                }
+                s.dedup.mark(req.id);
                 if s.unresponsive {
                     debug!("session of {} is responsive again", s.user);
                     s.unresponsive = false;
@@ -518,6 +558,36 @@ impl Server {
             }
         }
         warn!("batch {n} was not stored; {refused} request(s) were told to retry");
+    }
+
+    /// Takes in account changes made by an admin command (`udpmsgd user ...`) while the daemon
+    /// runs: new accounts appear, deleted ones go (with their sessions), and a changed password
+    /// revokes every session of that user. `durable` is the store's state, reloaded by the shell.
+    pub fn sync_accounts(&mut self, durable: Snapshot) {
+        let stored = accounts_from(durable.accounts, durable.subscriptions);
+        let gone: Vec<String> = self.users.keys().filter(|u| !stored.contains_key(*u)).cloned().collect();
+        for user in gone {
+            if !self.reserved.contains(&user) {
+                info!("account {user} was deleted by an admin");
+                self.delete_account(&user, false);
+            }
+        }
+        for (user, acc) in stored {
+            match self.users.get_mut(&user) {
+                None => {
+                    info!("account {user} was added by an admin");
+                    self.users.insert(user, acc);
+                }
+                Some(mine) if mine.password_hash != acc.password_hash => {
+                    info!("password of {user} was changed by an admin; its sessions are revoked");
+                    mine.password_hash = acc.password_hash;
+                    for token in mine.sessions.clone() {
+                        self.close_session(token, true);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
     }
 
     /// Makes a request's id new again, so that its retransmission executes.

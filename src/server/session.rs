@@ -126,6 +126,8 @@ pub(crate) struct Session {
     pub inflight: VecDeque<Inflight>,
     pub queue: VecDeque<Arc<EncodedMessage>>,
     pub dedup: Dedup,
+    /// Requests per second (config `session_requests_per_sec`, burst twice that).
+    pub rate: super::throttle::Bucket,
     /// The earliest deadline this session has in the timer heap.
     pub scheduled: Option<Instant>,
 }
@@ -144,6 +146,7 @@ impl Session {
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
             dedup: Dedup::default(),
+            rate: super::throttle::Bucket::full(u32::MAX, now),
             scheduled: None,
         }
     }

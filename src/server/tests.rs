@@ -574,6 +574,56 @@ fn a_failed_commit_changes_nothing_and_the_retry_runs() {
     assert_eq!(replies.iter().filter(|t| t.to == a(1)).count(), 1, "pushed once");
 }
 
+#[test]
+fn failed_logins_are_throttled_per_account_and_address_without_hashing() {
+    let mut h = H::with(ServerConfig {
+        login_failures_per_user_burst: 3,
+        login_failures_per_user_refill_secs: 10,
+        login_failures_per_address_burst: 5,
+        login_failures_per_address_refill_secs: 2,
+        ..test_config()
+    });
+    h.register("alice", "password").unwrap();
+    for _ in 0..3 {
+        assert_eq!(h.login_from(a(1), "alice", "wrong"), Err(ErrorCode::BadCredentials));
+    }
+    // The account is throttled, from any address, even with the right password.
+    let (_, bytes) =
+        h.encode(None, RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] });
+    h.server.handle(h.now, a(2), &bytes);
+    assert!(h.server.poll_password_job().is_none(), "a throttled login costs no hash");
+    h.turn();
+    let out = h.drain();
+    assert!(matches!(
+        proto::decode_server(&out[0].bytes),
+        Ok(ServerMsg::Reply { result: Err(ErrorCode::RateLimited { retry_after_secs: 10 }), .. })
+    ));
+    h.now += Duration::from_secs(10);
+    assert!(h.login_from(a(2), "alice", "password").is_ok(), "one attempt regained");
+    // Per address (127.0.0.1, whatever the port): guessing many names is limited too.
+    h.now += Duration::from_secs(10);
+    for i in 0..5 {
+        assert_eq!(h.login_from(a(3 + i), &format!("nobody{i}"), "x"), Err(ErrorCode::BadCredentials));
+    }
+    assert!(matches!(h.login_from(a(9), "carol", "x"), Err(ErrorCode::RateLimited { .. })));
+    assert_eq!(h.server.stats().logins_throttled, 2);
+}
+
+#[test]
+fn requests_per_session_are_limited() {
+    let mut h = H::with(ServerConfig { session_requests_per_sec: 5, ..test_config() });
+    let t = h.user("alice", 1);
+    let mut limited = 0;
+    for _ in 0..20 {
+        if let Err(ErrorCode::RateLimited { retry_after_secs: 1 }) = h.req(a(1), Some(t), RequestBody::Ping) {
+            limited += 1;
+        }
+    }
+    assert_eq!(limited, 10, "a burst of 2 x 5, then refused");
+    h.now += Duration::from_secs(1);
+    assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::Pong));
+}
+
 mod props {
     use super::*;
     use proptest::prelude::*;

@@ -57,6 +57,12 @@ impl MemoryStore {
                 self.subscriptions.retain(|(a, b)| a != user && b != user);
                 self.sessions.retain(|_, u| u != user);
             }
+            Write::SetPassword { user, password_hash } => {
+                if let Some(acc) = self.accounts.get_mut(user) {
+                    acc.password_hash = password_hash.clone();
+                }
+                self.sessions.retain(|_, u| u != user);
+            }
             Write::Subscribe { follower, followed } => {
                 self.subscriptions.insert((follower.clone(), followed.clone()));
             }

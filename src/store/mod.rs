@@ -25,6 +25,11 @@ pub enum Write {
     DeleteAccount {
         user: String,
     },
+    /// A new password hash; every session of the user is revoked.
+    SetPassword {
+        user: String,
+        password_hash: String,
+    },
     Subscribe {
         follower: String,
         followed: String,
@@ -94,4 +99,8 @@ pub trait Store {
     /// Applies a batch atomically: after `Ok` all of it survives a crash, after `Err` none of it
     /// is visible.
     fn commit(&mut self, batch: &[Write]) -> Result<(), StoreError>;
+    /// Whether another process (an admin command) changed the store since the last call.
+    fn changed_externally(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }

@@ -61,8 +61,21 @@ pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
     max_inbox: usize,
-    /// Held for the store's lifetime: the OS releases the lock when the process dies.
-    _lock: File,
+    /// Held for the store's lifetime by the daemon (the OS releases it when the process dies);
+    /// `None` for an admin command working beside a running daemon.
+    _lock: Option<File>,
+    /// `PRAGMA data_version` as last seen: it changes when another connection commits.
+    data_version: i64,
+}
+
+/// Who opens the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The daemon: exclusive, one per directory.
+    Daemon,
+    /// An admin command: works beside a running daemon (which notices the change within a
+    /// second) or alone.
+    Admin,
 }
 
 fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
@@ -70,8 +83,13 @@ fn err(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the store in `dir`.
+    /// Opens (creating if needed) the store in `dir` for the daemon.
     pub fn open(dir: &Path, max_inbox: usize) -> Result<SqliteStore, StoreError> {
+        Self::open_as(dir, max_inbox, Access::Daemon)
+    }
+
+    /// Opens the store; `Access::Admin` does not insist on the directory lock.
+    pub fn open_as(dir: &Path, max_inbox: usize, access: Access) -> Result<SqliteStore, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| err(dir, "cannot create the data directory", e))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = OpenOptions::new()
@@ -81,8 +99,9 @@ impl SqliteStore {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| err(dir, "the data directory is not writable", e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
+        let lock = match lock.try_lock() {
+            Ok(()) => Some(lock),
+            Err(std::fs::TryLockError::WouldBlock) if access == Access::Admin => None,
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(StoreError(format!(
                     "{}: another udpmsgd is already using this data directory (it holds {}); \
@@ -92,16 +111,28 @@ impl SqliteStore {
                 )))
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(err(&lock_path, "cannot lock", e)),
-        }
+        };
         let path = dir.join(DB_FILE);
         let conn = Connection::open(&path).map_err(|e| err(&path, "cannot open the database", e))?;
-        let mut store = SqliteStore { conn, path, max_inbox, _lock: lock };
+        let mut store = SqliteStore { conn, path, max_inbox, _lock: lock, data_version: 0 };
         store.setup()?;
+        store.data_version = store.read_data_version()?;
         Ok(store)
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether this store holds the directory lock, i.e. no daemon is running on it.
+    pub fn exclusive(&self) -> bool {
+        self._lock.is_some()
+    }
+
+    fn read_data_version(&self) -> Result<i64, StoreError> {
+        self.conn
+            .query_row("PRAGMA data_version", [], |r| r.get(0))
+            .map_err(|e| err(&self.path, "cannot read", e))
     }
 
     fn corrupt(&self, e: impl std::fmt::Display) -> StoreError {
@@ -126,6 +157,10 @@ impl SqliteStore {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(err(&self.path, "cannot enable WAL", format!("journal mode is {mode}")));
         }
+        // Admin commands and the daemon may write at the same moment: wait for each other.
+        self.conn
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| err(&self.path, "cannot configure", e))?;
         self.conn
             .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")
             .map_err(|e| err(&self.path, "cannot configure", e))?;
@@ -236,6 +271,11 @@ fn apply(max_inbox: usize, tx: &rusqlite::Transaction<'_>, batch: &[Write]) -> r
                     tx.prepare_cached(sql)?.execute([user])?;
                 }
             }
+            Write::SetPassword { user, password_hash } => {
+                tx.prepare_cached("UPDATE accounts SET password_hash = ?2 WHERE name = ?1")?
+                    .execute(params![user, password_hash])?;
+                tx.prepare_cached("DELETE FROM sessions WHERE user_name = ?1")?.execute([user])?;
+            }
             Write::Subscribe { follower, followed } => {
                 tx.prepare_cached(
                     "INSERT OR IGNORE INTO subscriptions (follower, followed) VALUES (?1, ?2)",
@@ -314,6 +354,13 @@ impl Store for SqliteStore {
 
     fn load(&mut self) -> Result<Snapshot, StoreError> {
         self.read_all().map_err(|e| err(&self.path, "cannot read", e))
+    }
+
+    fn changed_externally(&mut self) -> Result<bool, StoreError> {
+        let v = self.read_data_version()?;
+        let changed = v != self.data_version;
+        self.data_version = v;
+        Ok(changed)
     }
 
     fn commit(&mut self, batch: &[Write]) -> Result<(), StoreError> {

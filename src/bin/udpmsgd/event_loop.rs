@@ -10,7 +10,7 @@
 mod udp;
 
 use crate::workers::PasswordPool;
-use log::{debug, info};
+use log::{debug, info, warn};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 use rand::SeedableRng;
@@ -34,7 +34,17 @@ const OUTBOX_MAX: usize = 65_536;
 /// Largest datagram read; anything longer than the protocol's limit is dropped by the decoder.
 const RECV_BUF: usize = 2048;
 
-pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Result<(), String> {
+/// Re-reads the configuration (for SIGHUP).
+pub type Reload = Box<dyn Fn() -> Result<ServerConfig, String>>;
+
+/// How often the loop looks for account changes made by `udpmsgd user ...` beside it.
+const EXTERNAL_CHECK: Duration = Duration::from_millis(250);
+
+pub fn run(
+    cfg: ServerConfig,
+    reload: Reload,
+    on_listening: &mut dyn FnMut(SocketAddr),
+) -> Result<(), String> {
     let mut store: Box<dyn Store> = match cfg.storage {
         StorageKind::Sqlite => {
             Box::new(SqliteStore::open(&cfg.data_dir, cfg.max_inbox as usize).map_err(|e| e.to_string())?)
@@ -52,21 +62,23 @@ pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Resul
         .map_err(|e| e.to_string())?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| e.to_string())?);
 
+    // A thread turns signals into flags and a wake-up of the loop.
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| format!("cannot install signal handler: {e}"))?;
-    }
-    // signal_hook's flag does not wake poll; a small thread turns the signal into a wake-up.
+    let hup = Arc::new(AtomicBool::new(false));
     {
-        let waker = waker.clone();
-        let mut signals =
-            signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-                .map_err(|e| format!("cannot install signal handler: {e}"))?;
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        let (waker, stop, hup) = (waker.clone(), stop.clone(), hup.clone());
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+            .map_err(|e| format!("cannot install signal handlers: {e}"))?;
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                if signals.forever().next().is_some() {
+                for sig in signals.forever() {
+                    if sig == SIGHUP {
+                        hup.store(true, Ordering::SeqCst);
+                    } else {
+                        stop.store(true, Ordering::SeqCst);
+                    }
                     let _ = waker.wake();
                 }
             })
@@ -93,16 +105,14 @@ pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Resul
     let mut outbox = Outbox::new(OUTBOX_MAX);
     let mut buf = vec![0u8; RECV_BUF];
     let mut readable = true;
-    let stats_every = (stats_interval > 0).then(|| Duration::from_secs(stats_interval));
+    let mut stats_every = (stats_interval > 0).then(|| Duration::from_secs(stats_interval));
     let mut next_stats = stats_every.map(|d| Instant::now() + d);
+    let mut next_external = Instant::now() + EXTERNAL_CHECK;
     loop {
         let timeout = if readable {
             Some(Duration::ZERO)
         } else {
-            let wake = match (core.poll_timeout(), next_stats) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let wake = [core.poll_timeout(), next_stats, Some(next_external)].into_iter().flatten().min();
             wake.map(|t| t.saturating_duration_since(Instant::now()))
         };
         if let Err(e) = poll.poll(&mut events, timeout) {
@@ -121,9 +131,20 @@ pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Resul
                 }
             }
         }
-        if stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::SeqCst) {
             info!("signal received, shutting down");
             break;
+        }
+        if hup.swap(false, Ordering::SeqCst) {
+            match reload() {
+                Ok(new) => {
+                    stats_every = (new.stats_log_interval_secs > 0)
+                        .then(|| Duration::from_secs(new.stats_log_interval_secs));
+                    next_stats = stats_every.map(|d| Instant::now() + d);
+                    apply_reload(&mut core, new);
+                }
+                Err(e) => warn!("SIGHUP: configuration not reloaded, keeping the current one: {e}"),
+            }
         }
         let now = Instant::now();
         if readable {
@@ -155,6 +176,10 @@ pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Resul
         while let Some(t) = core.poll_transmit() {
             outbox.send(&socket, t.to, t.bytes);
         }
+        if now >= next_external {
+            next_external = now + EXTERNAL_CHECK;
+            sync_external(&mut core, store.as_mut());
+        }
         if let (Some(at), Some(every)) = (next_stats, stats_every) {
             if now >= at {
                 info!("stats: {}", summary(&core, &outbox));
@@ -168,6 +193,52 @@ pub fn run(cfg: ServerConfig, on_listening: &mut dyn FnMut(SocketAddr)) -> Resul
     }
     info!("stopped: {}", summary(&core, &outbox));
     Ok(())
+}
+
+/// Applies a reloaded configuration: limits, timers, argon2 cost and the log level change now;
+/// the rest needs a restart, and the log says so.
+fn apply_reload(core: &mut Server, new: ServerConfig) {
+    let old = core.config().clone();
+    let old_t = toml::Table::try_from(&old).expect("config serializes");
+    let new_t = toml::Table::try_from(&new).expect("config serializes");
+    let mut kept = new.clone();
+    let mut changed = Vec::new();
+    for (key, value) in &new_t {
+        if old_t.get(key) == Some(value) {
+            continue;
+        }
+        if RESTART_KEYS.contains(&key.as_str()) {
+            warn!("SIGHUP: `{key}` changed to {value}; it takes effect after a restart");
+        } else {
+            changed.push(format!("{key}: {} -> {value}", old_t[key]));
+        }
+    }
+    // Keep what cannot change at runtime.
+    kept.listen = old.listen;
+    kept.data_dir = old.data_dir;
+    kept.storage = old.storage;
+    kept.password_workers = old.password_workers;
+    core.set_config(kept);
+    if changed.is_empty() {
+        info!("SIGHUP: configuration reloaded, nothing changed");
+    } else {
+        info!("SIGHUP: configuration reloaded: {}", changed.join(", "));
+    }
+}
+
+/// Settings that only a restart applies.
+const RESTART_KEYS: &[&str] = &["listen", "data_dir", "storage", "password_workers"];
+
+/// Picks up accounts added, deleted or given a new password by `udpmsgd user ...`.
+fn sync_external(core: &mut Server, store: &mut dyn Store) {
+    match store.changed_externally() {
+        Ok(false) => {}
+        Ok(true) => match store.load() {
+            Ok(durable) => core.sync_accounts(durable),
+            Err(e) => warn!("cannot read the store after an outside change: {e}"),
+        },
+        Err(e) => debug!("cannot check the store for outside changes: {e}"),
+    }
 }
 
 /// One line of counters, logged every `stats_log_interval_secs` and at exit.
