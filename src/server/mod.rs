@@ -26,7 +26,7 @@ use crate::config::ServerConfig;
 use crate::password::{HashParams, PasswordJob, PasswordOutcome};
 use crate::proto::{self, ClientMsg, DecodeError, EncodedMessage, ErrorCode, Response, ServerMsg, Token};
 use crate::store::{Snapshot, Write};
-use log::{debug, info, trace, warn};
+use log::{debug, error, info, trace, warn};
 use reply_cache::{Entry, Key, ReplyCache};
 use session::{Seen, Session};
 use std::cmp::Reverse;
@@ -161,8 +161,9 @@ pub struct Server {
 const THROTTLE_KEYS: usize = 65_536;
 /// Most recently expired tokens remembered.
 const EXPIRED_MEMORY: usize = 65_536;
-/// Room a reply page leaves for framing around its entries.
-const PAGE_OVERHEAD: usize = 40;
+/// Room a page leaves for the frame: header, reply tag, request id, result and response tags,
+/// list length and the largest cursor (a 32-byte name).
+const PAGE_OVERHEAD: usize = 64;
 
 impl Server {
     /// Creates the core from committed state. `hash_params` are for new password hashes.
@@ -631,6 +632,16 @@ impl Server {
             debug!("{}: #{} -> {e}", r.to, r.id);
         }
         let bytes = proto::encode_server(&ServerMsg::Reply { id: r.id, result });
+        if bytes.len() > proto::MAX_DATAGRAM {
+            // A bug in a page size computation: no client would accept it.
+            error!(
+                "reply #{} to {} is {} bytes, over the {} byte limit",
+                r.id,
+                r.to,
+                bytes.len(),
+                proto::MAX_DATAGRAM
+            );
+        }
         let batch = self.gate().unwrap_or(self.committed_batch);
         match r.slot {
             Slot::Session(token) => {

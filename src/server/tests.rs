@@ -487,6 +487,41 @@ fn only_authenticated_requests_move_the_push_address() {
 }
 
 #[test]
+fn every_page_fits_one_datagram() {
+    let mut h = H::new();
+    let t = h.user("alice", 1);
+    let long = |i: usize| format!("{i:03}{}", "n".repeat(29));
+    for i in 0..100 {
+        h.register(&long(i), "password").unwrap();
+        h.req(a(1), Some(t), RequestBody::Subscribe { user: long(i) }).unwrap();
+    }
+    // Clients start their request ids at random: the largest ids take ten bytes.
+    h.next_id = u64::MAX - 1000;
+    let mut after = None;
+    let mut seen = 0;
+    loop {
+        let (_, bytes) =
+            h.encode(Some(t), RequestBody::ListUsers { pattern: "*".into(), after: after.clone() });
+        let out = h.raw(a(1), &bytes);
+        assert!(out[0].bytes.len() <= proto::MAX_DATAGRAM, "{} bytes", out[0].bytes.len());
+        let Ok(ServerMsg::Reply { result: Ok(Response::Users { names, next }), .. }) =
+            proto::decode_server(&out[0].bytes)
+        else {
+            panic!()
+        };
+        seen += names.len();
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 101);
+    let (_, bytes) = h.encode(Some(t), RequestBody::Subscriptions { after: None });
+    let out = h.raw(a(1), &bytes);
+    assert!(out[0].bytes.len() <= proto::MAX_DATAGRAM, "{} bytes", out[0].bytes.len());
+}
+
+#[test]
 fn users_whoami_and_relations() {
     let mut h = H::new();
     let t = h.user("alice", 1);
@@ -645,6 +680,7 @@ mod props {
                 let len = d.len();
                 for out in h.raw(a(5), &d) {
                     prop_assert!(out.bytes.len() <= len);
+                    prop_assert!(out.bytes.len() <= proto::MAX_DATAGRAM);
                 }
             }
             prop_assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::Pong));

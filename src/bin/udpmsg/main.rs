@@ -145,7 +145,9 @@ fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, St
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| e.to_string())?);
 
     let (tx, rx) = mpsc::channel();
-    spawn_input(args, interactive, tx, waker)?;
+    // The loop keeps its own reference: if the input thread's were the last one, the thread
+    // would close the eventfd right after its final wake-up, and epoll would drop that event.
+    spawn_input(args, interactive, tx, waker.clone())?;
 
     let first_id = rand::rng().random_range(1..u64::from(u32::MAX));
     let mut client = Client::new(cfg, server, first_id, Instant::now());

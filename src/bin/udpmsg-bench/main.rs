@@ -1,0 +1,588 @@
+//! `udpmsg-bench`: a load generator for the real `udpmsgd` over loopback.
+//!
+//! Many simulated users run in one single-threaded mio loop, each a real
+//! `udpmsg::client::Client` core (see `sim.rs` for how datagrams are routed to them). Before the
+//! workloads it measures the ceiling of the machine: a bare UDP echo between this process and a
+//! copy of itself, sequential and with 32 datagrams in flight. Every workload reports its ratio to
+//! that ceiling.
+//!
+//! Workloads (each bounded by a count and by `--duration`):
+//!
+//! 1. sequential: one client, post, wait for the ack, repeat;
+//! 2. concurrent: 64 clients, one post in flight each;
+//! 3. fan-out: 10 posters, 100 subscribers each following every poster; pushes/s and
+//!    post-to-push latency (the post text carries its send time);
+//! 4. workload 3 plus a login storm (100 logins/s, each followed by a logout) at argon2's
+//!    default cost;
+//! 5. idle sessions: N sessions sending keepalives; the daemon's RSS per session.
+//!
+//! Unless `--server` is given, each workload gets a fresh daemon (a fresh data directory), whose
+//! commit statistics are read from its `stopped:` line after SIGTERM.
+
+mod behaviors;
+mod daemon;
+mod echo;
+mod hist;
+mod script;
+mod sim;
+mod workloads;
+
+use clap::{Parser, ValueEnum};
+use daemon::{log, Daemon, DaemonSpec, WorkDir};
+use serde::Serialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use workloads::{Ctx, Opts, WorkloadResult};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "udpmsg-bench",
+    version,
+    about = "Load generator for udpmsgd: many simulated clients over loopback, against a bare UDP echo ceiling",
+    after_help = AFTER_HELP
+)]
+struct Args {
+    /// Workloads to run, e.g. 1,2,3 (1 sequential, 2 concurrent, 3 fan-out, 4 fan-out with a
+    /// login storm, 5 idle sessions).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    workloads: Vec<u32>,
+    /// Seconds of each measured phase (the count limits below apply too).
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Tiny counts, for smoke tests (also implies --storm-argon2 cheap unless given).
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+    /// Storage of the daemons the bench starts.
+    #[arg(long, value_enum, default_value_t = Storage::Sqlite)]
+    storage: Storage,
+    /// Use a running daemon at ADDR instead of starting one per workload. Its own settings
+    /// apply (argon2 cost, limits); commit statistics are then not available.
+    #[arg(long, value_name = "ADDR")]
+    server: Option<SocketAddr>,
+    /// With --server: the daemon's pid, to read its RSS for workload 5.
+    #[arg(long, value_name = "PID")]
+    daemon_pid: Option<u32>,
+    /// The udpmsgd executable to start (default: udpmsgd next to this executable).
+    #[arg(long, value_name = "PATH")]
+    daemon: Option<PathBuf>,
+    /// `RUST_LOG` for the daemons started (the summary line needs `udpmsgd=info`).
+    #[arg(long, value_name = "FILTER", default_value = "warn,udpmsgd=info")]
+    daemon_log: String,
+    /// Where the daemons' data directories go (default: the system temporary directory).
+    /// Durable figures depend on this file system's fsync.
+    #[arg(long, value_name = "DIR")]
+    tmp_dir: Option<PathBuf>,
+    /// Keep the data directories.
+    #[arg(long)]
+    keep_data: bool,
+    /// Skip the echo ceiling (ratios are then not reported).
+    #[arg(long)]
+    no_ceiling: bool,
+    /// Workload 1: most posts.
+    #[arg(long, value_name = "N")]
+    seq_posts: Option<u64>,
+    /// Workload 2: most posts, in total.
+    #[arg(long, value_name = "N")]
+    posts: Option<u64>,
+    /// Workload 2: clients.
+    #[arg(long, value_name = "N")]
+    clients: Option<usize>,
+    /// Workloads 3 and 4: most posts, in total.
+    #[arg(long, value_name = "N")]
+    fanout_posts: Option<u64>,
+    /// Workloads 3 and 4: posters.
+    #[arg(long, value_name = "N")]
+    posters: Option<usize>,
+    /// Workloads 3 and 4: subscribers (each follows every poster).
+    #[arg(long, value_name = "N")]
+    subscribers: Option<usize>,
+    /// Workload 4: logins per second.
+    #[arg(long, value_name = "N")]
+    storm_rate: Option<f64>,
+    /// Workload 4: argon2 cost of the daemon (default: its built-in defaults).
+    #[arg(long, value_enum)]
+    storm_argon2: Option<Argon2>,
+    /// Workload 5: sessions.
+    #[arg(long, value_name = "N")]
+    sessions: Option<usize>,
+    /// Workload 5: sessions per account.
+    #[arg(long, value_name = "N")]
+    sessions_per_user: Option<usize>,
+    /// Workload 5: seconds between keepalives of one session.
+    #[arg(long, value_name = "SECS")]
+    ping_interval: Option<f64>,
+    /// Workload 5: seconds the sessions are held (default: --duration).
+    #[arg(long, value_name = "SECS")]
+    hold: Option<f64>,
+    /// Bytes of post text (and of the echo payload).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    text_bytes: usize,
+    /// Clients set up (register, log in) at once.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    setup_window: usize,
+    #[command(subcommand)]
+    cmd: Option<Sub>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Sub {
+    /// The ceiling's echo server (the bench starts it itself).
+    #[command(hide = true)]
+    EchoServer,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Storage {
+    Sqlite,
+    Memory,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Argon2 {
+    /// argon2's (and udpmsgd's) defaults: 19 MiB, 2 iterations.
+    Default,
+    /// 64 KiB, 1 iteration (as for the set-up of the other workloads).
+    Cheap,
+}
+
+const AFTER_HELP: &str = "Examples:\n  \
+udpmsg-bench                              # everything, 10 s per workload, SQLite\n  \
+udpmsg-bench --workloads 1,2 --storage memory --duration 5\n  \
+udpmsg-bench --workloads 5 --sessions 10000 --json\n  \
+udpmsg-bench --quick --json               # smoke test\n\
+Exit status: 0 when every workload ran (targets are reported, not enforced), 1 otherwise.";
+
+#[derive(Serialize)]
+struct Machine {
+    nproc: usize,
+    cpu: String,
+    kernel: String,
+    date_utc: String,
+    build_profile: &'static str,
+}
+
+#[derive(Serialize)]
+struct Ceiling {
+    sequential: Option<echo::EchoResult>,
+    concurrent: Option<echo::EchoResult>,
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    bench_version: &'static str,
+    machine: Machine,
+    command: String,
+    storage: String,
+    external_server: Option<String>,
+    workload4_argon2: String,
+    quick: bool,
+    options: Opts,
+    ceiling: Ceiling,
+    workloads: Vec<WorkloadResult>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(Sub::EchoServer) = args.cmd {
+        return match echo::serve() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("udpmsg-bench echo-server: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    match run(&args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            log(&e);
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn opts(args: &Args) -> Opts {
+    let q = args.quick;
+    let duration = args.duration.unwrap_or(if q { 20.0 } else { 10.0 });
+    let pick = |v: Option<u64>, quick: u64, full: u64| v.unwrap_or(if q { quick } else { full });
+    let picku = |v: Option<usize>, quick: usize, full: usize| v.unwrap_or(if q { quick } else { full });
+    let storm_rate = args.storm_rate.unwrap_or(if q { 20.0 } else { 100.0 });
+    let storm_logins = if q { 10 } else { (storm_rate * duration).ceil() as u64 };
+    Opts {
+        duration: Duration::from_secs_f64(duration),
+        duration_secs: duration,
+        seq_posts: pick(args.seq_posts, 50, 1_000_000),
+        posts: pick(args.posts, 640, 10_000_000),
+        clients: picku(args.clients, 64, 64),
+        fanout_posts: pick(args.fanout_posts, 60, 1_000_000),
+        posters: picku(args.posters, 3, 10),
+        subscribers: picku(args.subscribers, 10, 100),
+        storm_rate,
+        storm_logins,
+        storm_users: if q { 2 } else { 10 },
+        // Enough clients for two seconds of logins in flight.
+        storm_pool: ((storm_rate * 2.0).ceil() as usize).clamp(8, 1024),
+        sessions: picku(args.sessions, 200, 100_000),
+        sessions_per_user: picku(args.sessions_per_user, 10, 10),
+        ping_interval_secs: args.ping_interval.unwrap_or(if q { 0.5 } else { 5.0 }),
+        idle_hold_secs: args.hold.unwrap_or(if q { 1.0 } else { duration }),
+        text_bytes: args.text_bytes.clamp(21, 1000),
+        drain: Duration::from_secs(if q { 10 } else { 5 }),
+        setup_window: args.setup_window,
+    }
+}
+
+fn run(args: &Args) -> Result<bool, String> {
+    let o = opts(args);
+    for w in &args.workloads {
+        if !(1..=5).contains(w) {
+            return Err(format!("no workload {w}: choose among 1,2,3,4,5"));
+        }
+    }
+    let daemon_exe = match &args.daemon {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| format!("cannot find myself: {e}"))?
+            .with_file_name(format!("udpmsgd{}", std::env::consts::EXE_SUFFIX)),
+    };
+    if args.server.is_none() && !daemon_exe.exists() {
+        return Err(format!("{} not found: give --daemon PATH or --server ADDR", daemon_exe.display()));
+    }
+    let storm_argon2 = args.storm_argon2.unwrap_or(if args.quick { Argon2::Cheap } else { Argon2::Default });
+    let storage = match args.storage {
+        Storage::Sqlite => "sqlite",
+        Storage::Memory => "memory",
+    };
+    let base = args.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = WorkDir::new(&base, args.keep_data)?;
+    let salt = u64::from(rand_u16());
+    let t0 = Instant::now();
+
+    let ceiling = if args.no_ceiling { Ceiling { sequential: None, concurrent: None, error: None } } else { measure_ceiling(&o, args.quick) };
+
+    let mut results = Vec::new();
+    for &id in &args.workloads {
+        log(&format!("workload {id} ({}) ...", workloads::name_of(id)));
+        let spec = DaemonSpec {
+            exe: daemon_exe.clone(),
+            dir: work.path.join(format!("w{id}")),
+            storage: storage.to_string(),
+            cheap_argon2: !(id == 4 && storm_argon2 == Argon2::Default),
+            max_sessions: o.sessions as u64 + 10_000,
+            log_filter: args.daemon_log.clone(),
+        };
+        let r = run_one(id, args, &spec, &o, salt.wrapping_add(u64::from(id)), t0);
+        let mut r = r.unwrap_or_else(|e| WorkloadResult::failed(id, e));
+        add_ratios(&mut r, &ceiling);
+        if let Some(e) = &r.error {
+            log(&format!("workload {id} failed: {e}"));
+        } else {
+            log(&format!("workload {id}: {} {} over {:.2} s", fmt_rate(r.throughput), r.unit, r.seconds));
+        }
+        results.push(r);
+    }
+    let ok = results.iter().all(|r| r.ok);
+    let report = Report {
+        bench_version: env!("CARGO_PKG_VERSION"),
+        machine: machine(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        storage: storage.into(),
+        external_server: args.server.map(|s| s.to_string()),
+        workload4_argon2: match (args.server, storm_argon2) {
+            (Some(_), _) => "the running daemon's".into(),
+            (None, Argon2::Default) => "default (19456 KiB, 2 iterations)".into(),
+            (None, Argon2::Cheap) => "cheap (64 KiB, 1 iteration)".into(),
+        },
+        quick: args.quick,
+        options: o,
+        ceiling,
+        workloads: results,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ok)
+}
+
+fn run_one(id: u32, args: &Args, spec: &DaemonSpec, o: &Opts, salt: u64, t0: Instant) -> Result<WorkloadResult, String> {
+    let daemon = match args.server {
+        Some(_) => None,
+        None => Some(Daemon::start(spec)?),
+    };
+    let server = match (&daemon, args.server) {
+        (Some(d), _) => d.addr,
+        (None, Some(s)) => s,
+        (None, None) => unreachable!("one of them"),
+    };
+    let ctx = Ctx {
+        server,
+        daemon_pid: daemon.as_ref().map(|d| d.pid).or(args.daemon_pid),
+        salt,
+        opts: o.clone(),
+        t0,
+    };
+    let result = match id {
+        1 => workloads::posting(&ctx, 1, 1, o.seq_posts),
+        2 => workloads::posting(&ctx, 2, o.clients, o.posts),
+        3 => workloads::fanout(&ctx, 3, false),
+        4 => workloads::fanout(&ctx, 4, true),
+        5 => workloads::idle(&ctx, 5),
+        _ => unreachable!("checked"),
+    };
+    let stats = daemon.map(|d| {
+        let rss = d.rss_kib();
+        let mut s = d.stop();
+        s.summary.insert("rss_kib_at_end".into(), rss.map_or("?".into(), |r| r.to_string()));
+        s
+    });
+    let mut r = result?;
+    r.daemon = stats;
+    Ok(r)
+}
+
+fn measure_ceiling(o: &Opts, quick: bool) -> Ceiling {
+    log("ceiling: bare UDP echo between two processes ...");
+    let limit = Duration::from_secs_f64(o.duration_secs.min(5.0));
+    let go = || -> Result<(echo::EchoResult, echo::EchoResult), String> {
+        let server = echo::EchoServer::start()?;
+        let seq = echo::measure(server.addr, 1, o.text_bytes, if quick { 300 } else { 1_000_000 }, limit)?;
+        let conc = echo::measure(server.addr, 32, o.text_bytes, if quick { 3_000 } else { 10_000_000 }, limit)?;
+        Ok((seq, conc))
+    };
+    match go() {
+        Ok((s, c)) => {
+            log(&format!(
+                "ceiling: sequential {} round trips/s (p99 {}), 32 in flight {} round trips/s (p99 {})",
+                fmt_rate(s.throughput),
+                fmt_us(s.latency.p99_us),
+                fmt_rate(c.throughput),
+                fmt_us(c.latency.p99_us)
+            ));
+            Ceiling { sequential: Some(s), concurrent: Some(c), error: None }
+        }
+        Err(e) => {
+            log(&format!("ceiling failed: {e}"));
+            Ceiling { sequential: None, concurrent: None, error: Some(e) }
+        }
+    }
+}
+
+fn add_ratios(r: &mut WorkloadResult, c: &Ceiling) {
+    if !r.ok {
+        return;
+    }
+    let base = match r.ceiling {
+        "sequential" => c.sequential.as_ref(),
+        _ => c.concurrent.as_ref(),
+    };
+    if let Some(b) = base {
+        if b.throughput > 0.0 {
+            r.ratio_throughput = Some(r.throughput / b.throughput);
+        }
+        if b.latency.p99_us > 0.0 && r.latency.count > 0 {
+            r.ratio_p99 = Some(r.latency.p99_us / b.latency.p99_us);
+        }
+    }
+}
+
+fn rand_u16() -> u16 {
+    use rand::RngExt;
+    rand::rng().random_range(0..=u16::MAX)
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into());
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu,
+        kernel,
+        date_utc: utc_now(),
+        build_profile: if cfg!(debug_assertions) { "debug" } else { "release" },
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` without a date library (civil-from-days, H. Hinnant).
+fn utc_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn fmt_us(us: f64) -> String {
+    if us >= 10_000.0 {
+        format!("{:.1} ms", us / 1000.0)
+    } else if us >= 1000.0 {
+        format!("{:.2} ms", us / 1000.0)
+    } else {
+        format!("{us:.0} µs")
+    }
+}
+
+fn fmt_rate(r: f64) -> String {
+    if r >= 10_000.0 {
+        format!("{:.1}k", r / 1000.0)
+    } else {
+        format!("{r:.0}")
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or("-".into(), |r| format!("{r:.2}x"))
+}
+
+fn print_table(rep: &Report) {
+    let m = &rep.machine;
+    println!(
+        "udpmsg-bench {} | {} build | {} x {} | kernel {} | {} | storage {}{}",
+        rep.bench_version,
+        m.build_profile,
+        m.nproc,
+        m.cpu,
+        m.kernel,
+        m.date_utc,
+        rep.storage,
+        rep.external_server.as_ref().map_or(String::new(), |s| format!(" (running daemon at {s})"))
+    );
+    println!();
+    println!(
+        "{:<28} {:>6} {:>17} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "workload", "bound", "done/requested", "rate", "p50", "p99", "p99.9", "rate/ceil", "p99/ceil", "commits", "mean_b", "max_b"
+    );
+    let echo_row = |name: &str, e: &echo::EchoResult| {
+        println!(
+            "{:<28} {:>6} {:>17} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            name,
+            "",
+            format!("{}/{}", e.echoed, e.requested.min(e.echoed + e.lost)),
+            fmt_rate(e.throughput),
+            fmt_us(e.latency.p50_us),
+            fmt_us(e.latency.p99_us),
+            fmt_us(e.latency.p999_us),
+            "1.00x",
+            "1.00x",
+            "",
+            "",
+            ""
+        );
+    };
+    if let Some(e) = &rep.ceiling.sequential {
+        echo_row("ceiling: echo, sequential", e);
+    }
+    if let Some(e) = &rep.ceiling.concurrent {
+        echo_row("ceiling: echo, 32 in flight", e);
+    }
+    for r in &rep.workloads {
+        let label = format!("{} {}", r.id, r.name);
+        if !r.ok {
+            println!("{label:<28} FAILED: {}", r.error.as_deref().unwrap_or("?"));
+            continue;
+        }
+        let d = r.daemon.as_ref();
+        println!(
+            "{:<28} {:>6} {:>17} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
+            label,
+            r.bound,
+            format!("{}/{}", r.completed, r.requested),
+            fmt_rate(r.throughput),
+            fmt_us(r.latency.p50_us),
+            fmt_us(r.latency.p99_us),
+            fmt_us(r.latency.p999_us),
+            fmt_ratio(r.ratio_throughput),
+            fmt_ratio(r.ratio_p99),
+            d.and_then(|d| d.commits).map_or("-".into(), |v| v.to_string()),
+            d.and_then(|d| d.mean_batch).map_or("-".into(), |v| format!("{v:.1}")),
+            d.and_then(|d| d.max_batch).map_or("-".into(), |v| v.to_string()),
+        );
+    }
+    println!();
+    for r in rep.workloads.iter().filter(|r| r.ok) {
+        let d = &r.details;
+        let lat = |k: &str| -> String {
+            d.get(k)
+                .and_then(|v| Some((v.get("p50_us")?.as_f64()?, v.get("p99_us")?.as_f64()?, v.get("p999_us")?.as_f64()?)))
+                .map_or("-".into(), |(a, b, c)| format!("p50 {} p99 {} p99.9 {}", fmt_us(a), fmt_us(b), fmt_us(c)))
+        };
+        let num = |k: &str| d.get(k).map_or("-".into(), |v| v.to_string());
+        match r.id {
+            1 | 2 => println!(
+                "{}: {} client(s), latency = {}, {} unanswered, errors {}",
+                r.id,
+                num("clients"),
+                r.latency_of,
+                num("unanswered"),
+                num("errors")
+            ),
+            3 | 4 => {
+                println!(
+                    "{}: {} posts acked ({:.0}/s), post to ack {}; pushes delivered {} of {} expected",
+                    r.id,
+                    num("posts_acked"),
+                    d.get("posts_per_sec").and_then(|v| v.as_f64()).unwrap_or(0.0),
+                    lat("post_ack_latency"),
+                    num("pushes_delivered"),
+                    num("pushes_expected")
+                );
+                if let Some(s) = d.get("storm") {
+                    let l = s.get("login_latency");
+                    let q = |k: &str| l.and_then(|l| l.get(k)).and_then(|v| v.as_f64()).map_or("-".into(), fmt_us);
+                    println!(
+                        "   login storm: {} attempted, {} logged in ({:.1}/s), refused {}, skipped (pool busy) {}; login p50 {} p99 {}",
+                        s["attempted"],
+                        s["logged_in"],
+                        s["logins_per_sec"].as_f64().unwrap_or(0.0),
+                        s["refused"],
+                        s["skipped_pool_busy"],
+                        q("p50_us"),
+                        q("p99_us")
+                    );
+                }
+            }
+            5 => println!(
+                "5: {} sessions ({} users) logged in in {:.1} s, login {}; daemon RSS {} -> {} KiB = {} bytes/session (after the hold: {} KiB, {} bytes/session)",
+                num("sessions"),
+                num("users"),
+                d.get("login_seconds").and_then(|v| v.as_f64()).unwrap_or(0.0),
+                lat("login_latency"),
+                num("rss_kib_before_logins"),
+                num("rss_kib_after_logins"),
+                d.get("rss_bytes_per_session").and_then(|v| v.as_f64()).map_or("-".into(), |v| format!("{v:.0}")),
+                num("rss_kib_after_hold"),
+                d.get("rss_bytes_per_session_after_hold").and_then(|v| v.as_f64()).map_or("-".into(), |v| format!("{v:.0}")),
+            ),
+            _ => {}
+        }
+        if let Some(ds) = &r.daemon {
+            if ds.warnings + ds.errors > 0 {
+                println!("   daemon logged {} warning(s), {} error(s), e.g. {:?}", ds.warnings, ds.errors, ds.sample_warnings.first());
+            }
+        }
+        if r.net.send_drops + r.net.unroutable > 0 {
+            println!("   bench side: {} send drops, {} unroutable datagrams", r.net.send_drops, r.net.unroutable);
+        }
+    }
+}
