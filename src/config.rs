@@ -95,6 +95,11 @@ pub struct ServerConfig {
     pub login_failures_per_user_refill_secs: u64,
     pub login_failures_per_address_burst: u32,
     pub login_failures_per_address_refill_secs: u64,
+    /// Registrations (attempts that reach hashing) per source address: burst and refill.
+    pub registrations_per_address_burst: u32,
+    pub registrations_per_address_refill_secs: u64,
+    /// Accounts the server holds at most.
+    pub max_accounts: u32,
     /// Requests per second one session may make (bursts of twice that).
     pub session_requests_per_sec: u32,
     /// Log a one-line summary of the counters this often (0: only at exit).
@@ -139,6 +144,9 @@ impl Default for ServerConfig {
             login_failures_per_user_refill_secs: 30,
             login_failures_per_address_burst: 20,
             login_failures_per_address_refill_secs: 3,
+            registrations_per_address_burst: 20,
+            registrations_per_address_refill_secs: 30,
+            max_accounts: 1_000_000,
             session_requests_per_sec: 200,
             stats_log_interval_secs: 300,
             log_level: "info".into(),
@@ -203,6 +211,9 @@ impl ServerConfig {
             0,
             86_400,
         )?;
+        range("registrations_per_address_burst", self.registrations_per_address_burst, 1, 10_000_000)?;
+        range("registrations_per_address_refill_secs", self.registrations_per_address_refill_secs, 0, 86_400)?;
+        range("max_accounts", self.max_accounts, 1, 100_000_000)?;
         range("session_requests_per_sec", self.session_requests_per_sec, 1, 1_000_000)?;
         range("stats_log_interval_secs", self.stats_log_interval_secs, 0, 86_400)?;
         if !["off", "error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {

@@ -333,6 +333,8 @@ pub enum ErrorCode {
     },
     /// A write could not be made durable; nothing was changed; retry.
     StorageUnavailable,
+    /// The server holds as many accounts as it is configured for.
+    TooManyAccounts { max: u32 },
 }
 
 impl fmt::Display for ErrorCode {
@@ -371,6 +373,7 @@ impl fmt::Display for ErrorCode {
                 write!(f, "too many attempts, retry in {retry_after_secs} s")
             }
             StorageUnavailable => write!(f, "storage unavailable, retry"),
+            TooManyAccounts { max } => write!(f, "registration refused: the server holds its maximum of {max} accounts"),
         }
     }
 }

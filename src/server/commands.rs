@@ -41,7 +41,7 @@ impl Server {
             self.replies.insert(now, key, super::Entry::Pending);
         }
         let answer = match (body, session) {
-            (RequestBody::Register { user, password, .. }, _) => self.register(reply, user, password),
+            (RequestBody::Register { user, password, .. }, _) => self.register(now, reply, user, password),
             (RequestBody::Login { user, password, .. }, _) => self.login(now, reply, user, password),
             // Health checks: a ping without a token is answered (with as many bytes as it had).
             (RequestBody::Ping, None) if token.is_none() => Some(Ok(Response::Pong)),
@@ -101,7 +101,7 @@ impl Server {
         })
     }
 
-    fn register(&mut self, reply: ReplyTo, user: String, password: String) -> Answer {
+    fn register(&mut self, now: Instant, reply: ReplyTo, user: String, password: String) -> Answer {
         if !self.cfg.allow_registration {
             return Some(Err(ErrorCode::RegistrationClosed));
         }
@@ -114,6 +114,15 @@ impl Server {
         }
         if self.users.contains_key(&user) || self.reserved.contains(&user) {
             return Some(Err(ErrorCode::NameTaken { user }));
+        }
+        if self.users.len() + self.reserved.len() >= self.cfg.max_accounts as usize {
+            return Some(Err(ErrorCode::TooManyAccounts { max: self.cfg.max_accounts }));
+        }
+        // Each attempt that would cost a hash takes a token from the address's bucket.
+        if let Err(wait) = self.register_by_addr.take(now, &reply.to.ip()) {
+            self.stats.registrations_throttled += 1;
+            let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u32;
+            return Some(Err(ErrorCode::RateLimited { retry_after_secs }));
         }
         let job = JobKind::Hash { password, params: self.hash_params };
         match self.submit_job(job, Auth::Register { user: user.clone(), reply }) {

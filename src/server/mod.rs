@@ -67,6 +67,7 @@ pub struct Stats {
     pub largest_batch: u64,
     pub busy: u64,
     pub logins_throttled: u64,
+    pub registrations_throttled: u64,
     pub requests_throttled: u64,
 }
 
@@ -155,6 +156,7 @@ pub struct Server {
     dummy_hash: String,
     login_by_user: Throttle<String>,
     login_by_addr: Throttle<IpAddr>,
+    register_by_addr: Throttle<IpAddr>,
 }
 
 /// Accounts and addresses whose failed logins are tracked at once.
@@ -185,6 +187,11 @@ impl Server {
             Duration::from_secs(cfg.login_failures_per_address_refill_secs),
             THROTTLE_KEYS,
         );
+        let register_by_addr = Throttle::new(
+            cfg.registrations_per_address_burst,
+            Duration::from_secs(cfg.registrations_per_address_refill_secs),
+            THROTTLE_KEYS,
+        );
         let mut server = Server {
             replies: ReplyCache::new(cfg.reply_cache_ttl(), cfg.reply_cache_max_unauthenticated as usize),
             cfg,
@@ -213,6 +220,7 @@ impl Server {
             dummy_hash: crate::password::hash("no such user", hash_params).unwrap_or_default(),
             login_by_user,
             login_by_addr,
+            register_by_addr,
         };
         for (token, user) in snapshot.sessions {
             server.restore_session(now, token, user);
@@ -253,6 +261,8 @@ impl Server {
         self.login_by_user.refill = Duration::from_secs(cfg.login_failures_per_user_refill_secs);
         self.login_by_addr.burst = cfg.login_failures_per_address_burst;
         self.login_by_addr.refill = Duration::from_secs(cfg.login_failures_per_address_refill_secs);
+        self.register_by_addr.burst = cfg.registrations_per_address_burst;
+        self.register_by_addr.refill = Duration::from_secs(cfg.registrations_per_address_refill_secs);
         self.hash_params = HashParams {
             memory_kib: cfg.argon2_memory_kib,
             iterations: cfg.argon2_iterations,

@@ -17,6 +17,7 @@ pub(crate) fn test_config() -> ServerConfig {
         push_min_rto_ms: 200,
         push_max_rto_ms: 8000,
         push_max_tries: 4,
+        registrations_per_address_burst: 100_000,
         ..ServerConfig::default()
     }
 }
@@ -642,6 +643,23 @@ fn failed_logins_are_throttled_per_account_and_address_without_hashing() {
     }
     assert!(matches!(h.login_from(a(9), "carol", "x"), Err(ErrorCode::RateLimited { .. })));
     assert_eq!(h.server.stats().logins_throttled, 2);
+}
+
+#[test]
+fn registrations_are_limited_per_address_and_in_total() {
+    let mut h = H::with(ServerConfig {
+        registrations_per_address_burst: 2,
+        registrations_per_address_refill_secs: 60,
+        max_accounts: 3,
+        ..test_config()
+    });
+    assert_eq!(h.register("a1", "password"), Ok(Response::Registered));
+    assert_eq!(h.register("a2", "password"), Ok(Response::Registered));
+    assert_eq!(h.register("a3", "password"), Err(ErrorCode::RateLimited { retry_after_secs: 60 }));
+    h.now += Duration::from_secs(60);
+    assert_eq!(h.register("a3", "password"), Ok(Response::Registered));
+    h.now += Duration::from_secs(600);
+    assert_eq!(h.register("a4", "password"), Err(ErrorCode::TooManyAccounts { max: 3 }));
 }
 
 #[test]

@@ -101,7 +101,7 @@ pub struct Daemon {
 }
 
 /// Settings for test daemons: cheap argon2, quick timers.
-pub const FAST_CONFIG: &str = "argon2_memory_kib = 64\nargon2_iterations = 1\n";
+pub const FAST_CONFIG: &str = "argon2_memory_kib = 64\nargon2_iterations = 1\nregistrations_per_address_burst = 100000\n";
 
 impl Daemon {
     /// Starts `udpmsgd --listen 127.0.0.1:0` with `config` as its server.toml, in a fresh
@@ -261,5 +261,60 @@ impl Drop for LiveClient {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A `udpmsgd` on a data directory the caller owns, so that it can be killed and started again
+/// on the same directory (and port): `udpmsgd --config CONFIG --listen LISTEN --data-dir DATA`.
+/// Killed (SIGKILL) on drop.
+pub struct DaemonProcess {
+    pub child: Child,
+    pub stdout: Lines,
+    pub stderr: Lines,
+}
+
+impl DaemonProcess {
+    /// Starts it without waiting for anything.
+    pub fn spawn(config: &Path, listen: &str, data_dir: &Path) -> DaemonProcess {
+        let mut child = Command::new(bin("udpmsgd"))
+            .arg("--config")
+            .arg(config)
+            .arg("--listen")
+            .arg(listen)
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn udpmsgd");
+        let stdout = Lines::new(child.stdout.take().unwrap());
+        let stderr = Lines::new(child.stderr.take().unwrap());
+        DaemonProcess { child, stdout, stderr }
+    }
+
+    /// Waits for its `listening on ADDR` line; `None` if it did not come within `timeout`.
+    pub fn wait_listening(&mut self, timeout: Duration) -> Option<SocketAddr> {
+        let line = self.stdout.wait_for(timeout, |l| l.starts_with("listening on "))?;
+        line["listening on ".len()..].parse().ok()
+    }
+
+    /// SIGKILL, then reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `timeout` for it to exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        unsafe_kill(self.child.id(), "TERM");
+        wait_timeout(&mut self.child, timeout)
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

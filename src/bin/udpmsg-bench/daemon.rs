@@ -84,6 +84,8 @@ pub struct DaemonStats {
     pub sample_warnings: Vec<String>,
     /// The `server.toml` the bench wrote.
     pub config: String,
+    /// Datagrams the kernel dropped at the daemon's socket (its receive buffer was full).
+    pub socket_drops: Option<u64>,
 }
 
 pub fn parse_summary(line: &str) -> Option<BTreeMap<String, String>> {
@@ -276,6 +278,7 @@ impl Daemon {
             errors: s.errors,
             sample_warnings: s.samples.clone(),
             config: self.config_text.clone(),
+            socket_drops: None,
         }
     }
 }
@@ -305,6 +308,27 @@ pub fn terminate(pid: u32) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// The kernel's drop counter of the UDP socket bound to `addr` (from /proc/net/udp): datagrams
+/// that arrived while its receive buffer was full.
+pub fn socket_drops(addr: SocketAddr) -> Option<u64> {
+    let (file, local) = match addr {
+        SocketAddr::V4(a) => {
+            ("/proc/net/udp", format!("{:08X}:{:04X}", u32::from_le_bytes(a.ip().octets()), a.port()))
+        }
+        SocketAddr::V6(a) => {
+            let o = a.ip().octets();
+            let words: String = o
+                .chunks(4)
+                .map(|c| format!("{:08X}", u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect();
+            ("/proc/net/udp6", format!("{words}:{:04X}", a.port()))
+        }
+    };
+    let text = std::fs::read_to_string(file).ok()?;
+    let line = text.lines().find(|l| l.split_whitespace().nth(1) == Some(local.as_str()))?;
+    line.split_whitespace().last()?.parse().ok()
 }
 
 pub fn rss_kib(pid: u32) -> Option<u64> {

@@ -330,6 +330,7 @@ fn run_one(id: u32, args: &Args, spec: &DaemonSpec, o: &Opts, salt: u64, t0: Ins
         opts: o.clone(),
         t0,
     };
+    let snmp_before = udp_snmp();
     let result = match id {
         1 => workloads::posting(&ctx, 1, 1, o.seq_posts),
         2 => workloads::posting(&ctx, 2, o.clients, o.posts),
@@ -340,13 +341,31 @@ fn run_one(id: u32, args: &Args, spec: &DaemonSpec, o: &Opts, salt: u64, t0: Ins
     };
     let stats = daemon.map(|d| {
         let rss = d.rss_kib();
+        let drops = daemon::socket_drops(d.addr);
         let mut s = d.stop();
         s.summary.insert("rss_kib_at_end".into(), rss.map_or("?".into(), |r| r.to_string()));
+        s.socket_drops = drops;
         s
     });
     let mut r = result?;
     r.daemon = stats;
+    if let (Some(a), Some(b)) = (snmp_before, udp_snmp()) {
+        // System-wide counters: on a quiet machine, this run's.
+        r.details.insert("kernel_udp_rcvbuf_errors".into(), serde_json::json!(b.0.saturating_sub(a.0)));
+        r.details.insert("kernel_udp_sndbuf_errors".into(), serde_json::json!(b.1.saturating_sub(a.1)));
+    }
     Ok(r)
+}
+
+/// `RcvbufErrors` and `SndbufErrors` of /proc/net/snmp: datagrams the kernel dropped because a
+/// socket's buffer was full.
+fn udp_snmp() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = text.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let get = |k: &str| names.iter().position(|n| *n == k).and_then(|i| values.get(i)?.parse().ok());
+    Some((get("RcvbufErrors")?, get("SndbufErrors")?))
 }
 
 fn measure_ceiling(o: &Opts, quick: bool) -> Ceiling {
@@ -579,6 +598,26 @@ fn print_table(rep: &Report) {
         if let Some(ds) = &r.daemon {
             if ds.warnings + ds.errors > 0 {
                 println!("   daemon logged {} warning(s), {} error(s), e.g. {:?}", ds.warnings, ds.errors, ds.sample_warnings.first());
+            }
+        }
+        let drops = d.get("kernel_udp_rcvbuf_errors").and_then(|v| v.as_u64()).unwrap_or(0);
+        if drops > 0 {
+            let at_daemon = r.daemon.as_ref().and_then(|d| d.socket_drops);
+            println!(
+                "   kernel: {drops} UDP datagrams dropped on full receive buffers during this workload, {} of them at the daemon's socket",
+                at_daemon.map_or("?".into(), |v| v.to_string())
+            );
+        }
+        if let Some(ds) = &r.daemon {
+            let get = |k: &str| ds.summary.get(k).map_or("?", |v| v.as_str());
+            if get("retransmitted") != "0" || get("send_drops") != "0" {
+                println!(
+                    "   daemon: {} datagrams in, {} pushes sent, {} retransmitted, {} send drops",
+                    get("datagrams_in"),
+                    get("pushes_sent"),
+                    get("retransmitted"),
+                    get("send_drops")
+                );
             }
         }
         if r.net.send_drops + r.net.unroutable > 0 {

@@ -78,6 +78,28 @@ pub struct Sim {
     pub net: NetStats,
 }
 
+/// Receive buffer asked for on the bench's sockets (the kernel caps it at `net.core.rmem_max`).
+const RECV_BUFFER: i32 = 4 << 20;
+
+/// `setsockopt(SO_RCVBUF)` without a new dependency: libc is linked by std anyway. (With the
+/// `socket2` crate this would be `SockRef::from(sock).set_recv_buffer_size`.)
+#[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn set_recv_buffer(sock: &UdpSocket, bytes: i32) {
+    use std::os::fd::AsRawFd;
+    extern "C" {
+        fn setsockopt(fd: i32, level: i32, name: i32, value: *const std::ffi::c_void, len: u32) -> i32;
+    }
+    const SOL_SOCKET: i32 = 1;
+    const SO_RCVBUF: i32 = 8;
+    // SAFETY: a valid descriptor owned by `sock`, a pointer to a live i32 and its size.
+    let _ = unsafe {
+        setsockopt(sock.as_raw_fd(), SOL_SOCKET, SO_RCVBUF, (&bytes as *const i32).cast(), 4)
+    };
+}
+
+#[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
+fn set_recv_buffer(_sock: &UdpSocket, _bytes: i32) {}
+
 /// Bits of the request id that count a client's requests.
 const COUNTER_BITS: u32 = 24;
 const CLIENT_BITS: u32 = 24;
@@ -109,6 +131,9 @@ impl Sim {
     /// A new socket, owned (`owner` set later by `add_client`) or shared.
     pub fn add_socket(&mut self) -> io::Result<usize> {
         let mut sock = UdpSocket::bind(self.bind)?;
+        // One bench thread stands in for many client processes: give its sockets room, so that
+        // what the kernel drops is the daemon's (the daemon's socket keeps its defaults).
+        set_recv_buffer(&sock, RECV_BUFFER);
         let i = self.socks.len();
         self.poll.registry().register(&mut sock, Token(i), Interest::READABLE)?;
         self.socks.push(Sock { sock, owner: None });
