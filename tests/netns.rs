@@ -127,7 +127,7 @@ fn exactly_once_with_kernel_level_loss() {
     let cfg = dir.path().join("server.toml");
     std::fs::write(&cfg, format!("{FAST_CONFIG}{}storage = \"memory\"\n", scenario::LOSSY_DAEMON_CONFIG))
         .unwrap();
-    let mut child = Command::new("ip")
+    let mut child = common::daemon_command("ip")
         .args(["netns", "exec", &link.server_ns])
         .arg(common::bin("udpmsgd"))
         .arg("--config")

@@ -20,6 +20,17 @@ pub fn bin(name: &str) -> PathBuf {
     }
 }
 
+/// A command for `program` (the daemon, or a wrapper around it) without any `UDPMSG_*`
+/// environment variables: the daemon reads settings from them, and tests set theirs in files.
+pub fn daemon_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let program = program.as_ref();
+    let mut cmd = if program == "udpmsgd" { Command::new(bin("udpmsgd")) } else { Command::new(program) };
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("UDPMSG_")) {
+        cmd.env_remove(k);
+    }
+    cmd
+}
+
 /// A fresh temporary directory (removed on drop).
 pub struct TempDir(pub PathBuf);
 
@@ -101,7 +112,8 @@ pub struct Daemon {
 }
 
 /// Settings for test daemons: cheap argon2, quick timers.
-pub const FAST_CONFIG: &str = "argon2_memory_kib = 64\nargon2_iterations = 1\nregistrations_per_address_burst = 100000\n";
+pub const FAST_CONFIG: &str =
+    "argon2_memory_kib = 64\nargon2_iterations = 1\nregistrations_per_address_burst = 100000\n";
 
 impl Daemon {
     /// Starts `udpmsgd --listen 127.0.0.1:0` with `config` as its server.toml, in a fresh
@@ -114,7 +126,7 @@ impl Daemon {
     pub fn start_in(dir: TempDir, config: &str, extra: &[&str]) -> Daemon {
         let cfg = dir.path().join("server.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(bin("udpmsgd"))
+        let mut child = daemon_command("udpmsgd")
             .arg("--config")
             .arg(&cfg)
             .arg("--listen")
@@ -276,7 +288,7 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Starts it without waiting for anything.
     pub fn spawn(config: &Path, listen: &str, data_dir: &Path) -> DaemonProcess {
-        let mut child = Command::new(bin("udpmsgd"))
+        let mut child = daemon_command("udpmsgd")
             .arg("--config")
             .arg(config)
             .arg("--listen")
