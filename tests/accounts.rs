@@ -198,10 +198,8 @@ fn delete_account_semantics() {
 fn whoami_and_subscriptions() {
     let d = Daemon::start(FAST_CONFIG);
     register(&d, &["alice", "bob", "carol"]);
-    let _carol = {
-        let out = run_client(d.addr, &["login#carol&password", "subscribe#alice"], "");
-        assert_eq!(out.code, Some(0));
-    };
+    let out = run_client(d.addr, &["login#carol&password", "subscribe#alice"], "");
+    assert_eq!(out.code, Some(0));
     let out = run_client(d.addr, &["whoami"], "");
     assert!(out.stderr.iter().any(|l| l.contains("not logged in")), "{out:?}");
     let out = run_client(d.addr, &["login#alice&password", "subscribe#bob", "whoami", "subscriptions"], "");
