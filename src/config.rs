@@ -106,6 +106,9 @@ pub struct ServerConfig {
     pub stats_log_interval_secs: u64,
     /// error, warn, info, debug or trace; the `RUST_LOG` environment variable overrides it.
     pub log_level: String,
+    /// Address for Prometheus metrics over HTTP (`GET /metrics`), e.g. "127.0.0.1:9187";
+    /// empty: off.
+    pub metrics_listen: String,
 }
 
 impl Default for ServerConfig {
@@ -150,6 +153,7 @@ impl Default for ServerConfig {
             session_requests_per_sec: 200,
             stats_log_interval_secs: 300,
             log_level: "info".into(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -212,10 +216,21 @@ impl ServerConfig {
             86_400,
         )?;
         range("registrations_per_address_burst", self.registrations_per_address_burst, 1, 10_000_000)?;
-        range("registrations_per_address_refill_secs", self.registrations_per_address_refill_secs, 0, 86_400)?;
+        range(
+            "registrations_per_address_refill_secs",
+            self.registrations_per_address_refill_secs,
+            0,
+            86_400,
+        )?;
         range("max_accounts", self.max_accounts, 1, 100_000_000)?;
         range("session_requests_per_sec", self.session_requests_per_sec, 1, 1_000_000)?;
         range("stats_log_interval_secs", self.stats_log_interval_secs, 0, 86_400)?;
+        if !self.metrics_listen.is_empty() && self.metrics_listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError(format!(
+                "invalid value \"{}\" for `metrics_listen`: an address like 127.0.0.1:9187, or empty for off",
+                self.metrics_listen
+            )));
+        }
         if !["off", "error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
             return Err(ConfigError(format!(
                 "invalid value \"{}\" for `log_level`: allowed are off, error, warn, info, debug, trace",
@@ -223,6 +238,11 @@ impl ServerConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The metrics address, if metrics are on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listen.parse().ok()
     }
 
     pub fn session_idle_timeout(&self) -> Duration {

@@ -334,7 +334,39 @@ pub enum ErrorCode {
     /// A write could not be made durable; nothing was changed; retry.
     StorageUnavailable,
     /// The server holds as many accounts as it is configured for.
-    TooManyAccounts { max: u32 },
+    TooManyAccounts {
+        max: u32,
+    },
+}
+
+impl ErrorCode {
+    /// The variant's name: a stable, machine-readable code (metrics, `--json`).
+    pub fn code(&self) -> &'static str {
+        use ErrorCode::*;
+        match self {
+            BadCredentials => "BadCredentials",
+            NotLoggedIn => "NotLoggedIn",
+            SessionExpired => "SessionExpired",
+            NoSuchUser { .. } => "NoSuchUser",
+            CannotSubscribeToSelf => "CannotSubscribeToSelf",
+            AlreadySubscribed { .. } => "AlreadySubscribed",
+            NotSubscribed { .. } => "NotSubscribed",
+            EmptyText => "EmptyText",
+            TextTooLong { .. } => "TextTooLong",
+            CountOutOfRange { .. } => "CountOutOfRange",
+            RegistrationClosed => "RegistrationClosed",
+            NameTaken { .. } => "NameTaken",
+            InvalidName { .. } => "InvalidName",
+            InvalidPassword { .. } => "InvalidPassword",
+            InvalidPattern { .. } => "InvalidPattern",
+            TooManySubscriptions { .. } => "TooManySubscriptions",
+            TooManySessions { .. } => "TooManySessions",
+            Busy => "Busy",
+            RateLimited { .. } => "RateLimited",
+            StorageUnavailable => "StorageUnavailable",
+            TooManyAccounts { .. } => "TooManyAccounts",
+        }
+    }
 }
 
 impl fmt::Display for ErrorCode {
@@ -373,7 +405,9 @@ impl fmt::Display for ErrorCode {
                 write!(f, "too many attempts, retry in {retry_after_secs} s")
             }
             StorageUnavailable => write!(f, "storage unavailable, retry"),
-            TooManyAccounts { max } => write!(f, "registration refused: the server holds its maximum of {max} accounts"),
+            TooManyAccounts { max } => {
+                write!(f, "registration refused: the server holds its maximum of {max} accounts")
+            }
         }
     }
 }

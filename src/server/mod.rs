@@ -69,6 +69,10 @@ pub struct Stats {
     pub logins_throttled: u64,
     pub registrations_throttled: u64,
     pub requests_throttled: u64,
+    /// Requests by kind (`post`, `login`, ...).
+    pub requests_by_kind: BTreeMap<&'static str, u64>,
+    /// Error answers by code (`NoSuchUser`, ...).
+    pub errors_by_code: BTreeMap<&'static str, u64>,
 }
 
 /// An account in memory.
@@ -250,6 +254,11 @@ impl Server {
         self.sessions.len()
     }
 
+    /// Password jobs queued or running.
+    pub fn password_jobs(&self) -> usize {
+        self.auth.len()
+    }
+
     pub fn config(&self) -> &ServerConfig {
         &self.cfg
     }
@@ -318,6 +327,7 @@ impl Server {
 
     fn on_request(&mut self, now: Instant, from: SocketAddr, len: usize, req: proto::Request) {
         self.stats.requests += 1;
+        *self.stats.requests_by_kind.entry(req.body.kind()).or_insert(0) += 1;
         let kind = req.body.kind();
         // A valid token makes this an authenticated request; anything else is treated as coming
         // from an unverified (possibly spoofed) address.
@@ -639,6 +649,7 @@ impl Server {
     fn reply(&mut self, _now: Instant, r: ReplyTo, result: Result<Response, ErrorCode>) {
         if let Err(e) = &result {
             self.stats.errors += 1;
+            *self.stats.errors_by_code.entry(e.code()).or_insert(0) += 1;
             debug!("{}: #{} -> {e}", r.to, r.id);
         }
         let bytes = proto::encode_server(&ServerMsg::Reply { id: r.id, result });

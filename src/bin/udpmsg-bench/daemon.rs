@@ -331,6 +331,69 @@ pub fn socket_drops(addr: SocketAddr) -> Option<u64> {
     line.split_whitespace().last()?.parse().ok()
 }
 
+/// CPU seconds (user + system, all threads) a process has used, from /proc/PID/stat.
+pub fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces; the fields after it are fixed.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (utime, stime): (u64, u64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+    // USER_HZ is 100 on every Linux ABI in use.
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// Busy and steal CPU seconds of the whole machine, from /proc/stat.
+fn machine_cpu() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let f: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest time is already in user)
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    let steal = *f.get(7)?;
+    Some((busy as f64 / 100.0, steal as f64 / 100.0))
+}
+
+/// CPU used over a phase, in cores (CPU seconds per second): by the bench, by the daemon, and
+/// by everything else on the machine (which should be close to 0 for a fair figure).
+pub struct CpuMeter {
+    start: std::time::Instant,
+    bench: Option<f64>,
+    daemon: Option<(u32, f64)>,
+    machine: Option<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct CpuUse {
+    pub bench_cores: Option<f64>,
+    pub daemon_cores: Option<f64>,
+    /// Busy CPU of everything else (other processes, interrupts), in cores.
+    pub other_cores: Option<f64>,
+    /// Time the hypervisor ran something else while we wanted the CPU.
+    pub steal_cores: Option<f64>,
+}
+
+impl CpuMeter {
+    pub fn start(daemon: Option<u32>) -> CpuMeter {
+        CpuMeter {
+            start: std::time::Instant::now(),
+            bench: cpu_secs(std::process::id()),
+            daemon: daemon.and_then(|p| Some((p, cpu_secs(p)?))),
+            machine: machine_cpu(),
+        }
+    }
+
+    pub fn stop(&self) -> CpuUse {
+        let wall = self.start.elapsed().as_secs_f64().max(1e-9);
+        let bench = self.bench.and_then(|b| Some((cpu_secs(std::process::id())? - b) / wall));
+        let daemon = self.daemon.and_then(|(p, d)| Some((cpu_secs(p)? - d) / wall));
+        let m = self.machine.and_then(|(b0, s0)| {
+            let (b1, s1) = machine_cpu()?;
+            Some(((b1 - b0) / wall, (s1 - s0) / wall))
+        });
+        let other = m.map(|(busy, _)| (busy - bench.unwrap_or(0.0) - daemon.unwrap_or(0.0)).max(0.0));
+        CpuUse { bench_cores: bench, daemon_cores: daemon, other_cores: other, steal_cores: m.map(|(_, s)| s) }
+    }
+}
+
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;

@@ -60,6 +60,12 @@ pub struct EchoServer {
 }
 
 impl EchoServer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl EchoServer {
     pub fn start() -> Result<EchoServer, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
         let mut child = Command::new(exe)
@@ -104,6 +110,8 @@ pub struct EchoResult {
     /// Round trips per second.
     pub throughput: f64,
     pub latency: Latency,
+    /// CPU of the bench (the client side), the echo server (in `daemon_cores`) and the rest.
+    pub cpu: crate::daemon::CpuUse,
 }
 
 /// `in_flight` sockets, each with one datagram of `size` bytes outstanding, until `count`
@@ -198,5 +206,6 @@ pub fn measure(server: SocketAddr, in_flight: usize, size: usize, count: u64, li
         seconds,
         throughput: echoed as f64 / seconds,
         latency: hist.summary(),
+        cpu: Default::default(),
     })
 }

@@ -81,8 +81,11 @@ struct Args {
     #[arg(long)]
     keep_data: bool,
     /// Skip the echo ceiling (ratios are then not reported).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "ceiling_only")]
     no_ceiling: bool,
+    /// Only measure the echo ceiling.
+    #[arg(long)]
+    ceiling_only: bool,
     /// Workload 1: most posts.
     #[arg(long, value_name = "N")]
     seq_posts: Option<u64>,
@@ -268,7 +271,8 @@ fn run(args: &Args) -> Result<bool, String> {
     let ceiling = if args.no_ceiling { Ceiling { sequential: None, concurrent: None, error: None } } else { measure_ceiling(&o, args.quick) };
 
     let mut results = Vec::new();
-    for &id in &args.workloads {
+    let ids: &[u32] = if args.ceiling_only { &[] } else { &args.workloads };
+    for &id in ids {
         log(&format!("workload {id} ({}) ...", workloads::name_of(id)));
         let spec = DaemonSpec {
             exe: daemon_exe.clone(),
@@ -373,8 +377,12 @@ fn measure_ceiling(o: &Opts, quick: bool) -> Ceiling {
     let limit = Duration::from_secs_f64(o.duration_secs.min(5.0));
     let go = || -> Result<(echo::EchoResult, echo::EchoResult), String> {
         let server = echo::EchoServer::start()?;
-        let seq = echo::measure(server.addr, 1, o.text_bytes, if quick { 300 } else { 1_000_000 }, limit)?;
-        let conc = echo::measure(server.addr, 32, o.text_bytes, if quick { 3_000 } else { 10_000_000 }, limit)?;
+        let cpu = daemon::CpuMeter::start(Some(server.pid()));
+        let mut seq = echo::measure(server.addr, 1, o.text_bytes, if quick { 300 } else { 1_000_000 }, limit)?;
+        seq.cpu = cpu.stop();
+        let cpu = daemon::CpuMeter::start(Some(server.pid()));
+        let mut conc = echo::measure(server.addr, 32, o.text_bytes, if quick { 3_000 } else { 10_000_000 }, limit)?;
+        conc.cpu = cpu.stop();
         Ok((seq, conc))
     };
     match go() {
@@ -515,6 +523,12 @@ fn print_table(rep: &Report) {
     if let Some(e) = &rep.ceiling.concurrent {
         echo_row("ceiling: echo, 32 in flight", e);
     }
+    let other: Vec<f64> = [&rep.ceiling.sequential, &rep.ceiling.concurrent]
+        .iter()
+        .filter_map(|e| e.as_ref()?.cpu.other_cores)
+        .chain(rep.workloads.iter().filter_map(|w| w.details.get("cpu_other_cores")?.as_f64()))
+        .collect();
+    let busiest = other.iter().copied().fold(0.0, f64::max);
     for r in &rep.workloads {
         let label = format!("{} {}", r.id, r.name);
         if !r.ok {
@@ -539,6 +553,11 @@ fn print_table(rep: &Report) {
         );
     }
     println!();
+    if busiest > 0.2 {
+        println!(
+            "NOTE: other processes used up to {busiest:.2} cores during a measurement: these figures are not from a quiet machine."
+        );
+    }
     for r in rep.workloads.iter().filter(|r| r.ok) {
         let d = &r.details;
         let lat = |k: &str| -> String {
@@ -600,6 +619,15 @@ fn print_table(rep: &Report) {
                 println!("   daemon logged {} warning(s), {} error(s), e.g. {:?}", ds.warnings, ds.errors, ds.sample_warnings.first());
             }
         }
+        let cores = |k: &str| d.get(k).and_then(|v| v.as_f64()).map_or("?".into(), |v| format!("{v:.2}"));
+        println!(
+            "   CPU during the measured phase: bench {} cores, daemon {} cores, everything else {} cores, steal {} (of {})",
+            cores("cpu_bench_cores"),
+            cores("cpu_daemon_cores"),
+            cores("cpu_other_cores"),
+            cores("cpu_steal_cores"),
+            rep.machine.nproc
+        );
         let drops = d.get("kernel_udp_rcvbuf_errors").and_then(|v| v.as_u64()).unwrap_or(0);
         if drops > 0 {
             let at_daemon = r.daemon.as_ref().and_then(|d| d.socket_drops);

@@ -1,7 +1,7 @@
 //! The five workloads: set-up, measured phase, figures.
 
 use crate::behaviors::{Fanout, Idle, Posters, Storm, Subscribers};
-use crate::daemon::{log, rss_kib, DaemonStats};
+use crate::daemon::{log, rss_kib, CpuMeter, CpuUse, DaemonStats};
 use crate::hist::Latency;
 use crate::script::Script;
 use crate::sim::{NetStats, Sim};
@@ -154,6 +154,14 @@ fn base(id: u32, sim: &Sim, setup_seconds: f64) -> WorkloadResult {
     WorkloadResult { setup_seconds, net: sim.net.clone(), ok: true, error: None, ..WorkloadResult::failed(id, String::new()) }
 }
 
+/// CPU used during the measured phase, in cores (2.0 = both cores of a 2-core machine busy).
+fn cpu_details(r: &mut WorkloadResult, cpu: CpuUse) {
+    r.details.insert("cpu_bench_cores".into(), json!(cpu.bench_cores));
+    r.details.insert("cpu_daemon_cores".into(), json!(cpu.daemon_cores));
+    r.details.insert("cpu_other_cores".into(), json!(cpu.other_cores));
+    r.details.insert("cpu_steal_cores".into(), json!(cpu.steal_cores));
+}
+
 /// Workloads 1 and 2: `n` clients, each its own user and socket, one post in flight each.
 pub fn posting(ctx: &Ctx, id: u32, n: usize, target: u64) -> Result<WorkloadResult, String> {
     let mut sim = ctx.sim()?;
@@ -175,7 +183,9 @@ pub fn posting(ctx: &Ctx, id: u32, n: usize, target: u64) -> Result<WorkloadResu
     let setup_seconds = t.elapsed().as_secs_f64();
     let stop_at = Instant::now() + ctx.opts.duration;
     let mut p = Posters::new(ctx.t0, sim.clients.len(), clients, target, stop_at, ctx.opts.text_bytes);
+    let cpu = CpuMeter::start(ctx.daemon_pid);
     sim.run(&mut p, stop_at + ctx.opts.drain).map_err(|e| e.to_string())?;
+    let cpu = cpu.stop();
     let seconds = (p.last_ack - p.start).as_secs_f64().max(1e-9);
     let mut r = base(id, &sim, setup_seconds);
     r.bound = if p.time_bound() { "time" } else { "count" };
@@ -188,6 +198,7 @@ pub fn posting(ctx: &Ctx, id: u32, n: usize, target: u64) -> Result<WorkloadResu
     r.latency_of = "post to ack";
     r.latency = p.hist.summary();
     r.ceiling = if n == 1 { "sequential" } else { "concurrent" };
+    cpu_details(&mut r, cpu);
     r.details.insert("clients".into(), json!(n));
     r.details.insert("submitted".into(), json!(p.submitted));
     r.details.insert("unanswered".into(), json!(p.outstanding()));
@@ -249,7 +260,9 @@ pub fn fanout(ctx: &Ctx, id: u32, with_storm: bool) -> Result<WorkloadResult, St
         Storm::new(n, pool.clone(), storm_users.clone(), PASSWORD.into(), o.storm_rate, o.storm_logins, stop_at)
     });
     let mut f = Fanout::new(p, s, storm);
+    let cpu = CpuMeter::start(ctx.daemon_pid);
     let finished = sim.run(&mut f, stop_at + o.drain).map_err(|e| e.to_string())?;
+    let cpu = cpu.stop();
     let end = f.subs.last_push.unwrap_or(f.posters.last_ack);
     let seconds = (end - f.posters.start).as_secs_f64().max(1e-9);
     let expected = f.expected_pushes();
@@ -264,6 +277,7 @@ pub fn fanout(ctx: &Ctx, id: u32, with_storm: bool) -> Result<WorkloadResult, St
     r.latency_of = "post to push";
     r.latency = f.subs.hist.summary();
     r.ceiling = "concurrent";
+    cpu_details(&mut r, cpu);
     let d = &mut r.details;
     d.insert("posters".into(), json!(o.posters));
     d.insert("subscribers".into(), json!(o.subscribers));
@@ -336,7 +350,9 @@ pub fn idle(ctx: &Ctx, id: u32) -> Result<WorkloadResult, String> {
     let start = Instant::now();
     let stop_at = start + Duration::from_secs_f64(o.idle_hold_secs);
     let mut idle = Idle::new(sim.clients.len(), &clients, interval, start, stop_at);
+    let cpu = CpuMeter::start(ctx.daemon_pid);
     sim.run(&mut idle, stop_at).map_err(|e| e.to_string())?;
+    let cpu = cpu.stop();
     // Let the last pings come back (not counted in the rate).
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     sim.run(&mut idle, Instant::now() + Duration::from_millis(500)).map_err(|e| e.to_string())?;
@@ -353,6 +369,7 @@ pub fn idle(ctx: &Ctx, id: u32) -> Result<WorkloadResult, String> {
     r.latency_of = "keepalive ping to pong";
     r.latency = idle.hist.summary();
     r.ceiling = "sequential";
+    cpu_details(&mut r, cpu);
     let d = &mut r.details;
     d.insert("sessions".into(), json!(n));
     d.insert("users".into(), json!(users));

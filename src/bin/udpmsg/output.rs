@@ -72,9 +72,7 @@ fn message_json(m: &Message) -> Value {
 }
 
 fn error_json(command: &str, e: &ErrorCode) -> Value {
-    // The variant name is the stable machine-readable code.
-    let code = format!("{e:?}");
-    let code = code.split([' ', '{', '(']).next().unwrap_or("").to_string();
+    let code = e.code();
     json!({ "type": "error", "command": command, "code": code, "message": e.to_string() })
 }
 

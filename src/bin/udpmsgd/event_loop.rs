@@ -9,6 +9,7 @@
 #[path = "../common/udp.rs"]
 mod udp;
 
+use crate::metrics::{Metrics, ShellCounters};
 use crate::workers::PasswordPool;
 use log::{debug, info, warn};
 use mio::net::UdpSocket;
@@ -27,6 +28,9 @@ use udpmsg::store::{memory::MemoryStore, sqlite::SqliteStore, Store};
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
+const METRICS: Token = Token(2);
+/// Metrics connections use tokens from here on.
+const METRICS_CONNS: usize = 3;
 /// Datagrams received per turn before the loop commits and sends.
 const RECV_BUDGET: usize = 1024;
 /// Datagrams queued while the socket is not writable.
@@ -85,6 +89,16 @@ pub fn run(
             .map_err(|e| e.to_string())?;
     }
 
+    let mut metrics = match cfg.metrics_addr() {
+        Some(addr) => {
+            let m = Metrics::bind(addr, poll.registry(), METRICS, METRICS_CONNS)
+                .map_err(|e| format!("cannot bind metrics on {addr}: {e}"))?;
+            info!("metrics on http://{}/metrics", m.local_addr().map_err(|e| e.to_string())?);
+            Some(m)
+        }
+        None => None,
+    };
+
     let pool = PasswordPool::new(cfg.password_workers as usize, waker.clone()).map_err(|e| e.to_string())?;
     let params = HashParams {
         memory_kib: cfg.argon2_memory_kib,
@@ -129,6 +143,9 @@ pub fn run(
                 if event.is_writable() {
                     outbox.flush(&socket);
                 }
+            } else if let Some(m) = metrics.as_mut().filter(|m| m.owns(event.token())) {
+                let shell = ShellCounters { datagrams_out: outbox.sent, send_drops: outbox.dropped };
+                m.ready(poll.registry(), event.token(), &core, &shell);
             }
         }
         if stop.load(Ordering::SeqCst) {
@@ -218,6 +235,7 @@ fn apply_reload(core: &mut Server, new: ServerConfig) {
     kept.data_dir = old.data_dir;
     kept.storage = old.storage;
     kept.password_workers = old.password_workers;
+    kept.metrics_listen = old.metrics_listen;
     core.set_config(kept);
     if changed.is_empty() {
         info!("SIGHUP: configuration reloaded, nothing changed");
@@ -227,7 +245,7 @@ fn apply_reload(core: &mut Server, new: ServerConfig) {
 }
 
 /// Settings that only a restart applies.
-const RESTART_KEYS: &[&str] = &["listen", "data_dir", "storage", "password_workers"];
+const RESTART_KEYS: &[&str] = &["listen", "data_dir", "storage", "password_workers", "metrics_listen"];
 
 /// Picks up accounts added, deleted or given a new password by `udpmsgd user ...`.
 fn sync_external(core: &mut Server, store: &mut dyn Store) {
@@ -248,7 +266,7 @@ fn summary(core: &Server, outbox: &Outbox) -> String {
     format!(
         "sessions={} opened={} expired={} datagrams_in={} requests={} errors={} duplicates={} undecodable={} \
          pushes_sent={} acked={} retransmitted={} dropped={} commits={} commit_failures={} writes={} \
-         mean_batch={mean_batch:.1} max_batch={} datagrams_out={} send_drops={}",
+         mean_batch={mean_batch:.1} max_batch={} password_queue={} datagrams_out={} send_drops={}",
         core.session_count(),
         s.sessions_opened,
         s.sessions_expired,
@@ -265,6 +283,7 @@ fn summary(core: &Server, outbox: &Outbox) -> String {
         s.commit_failures,
         s.committed_writes,
         s.largest_batch,
+        core.password_jobs(),
         outbox.sent,
         outbox.dropped,
     )

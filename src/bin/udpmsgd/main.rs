@@ -4,6 +4,7 @@
 
 mod admin;
 mod event_loop;
+mod metrics;
 mod workers;
 
 use clap::{Parser, Subcommand};
