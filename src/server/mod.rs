@@ -229,6 +229,12 @@ impl Server {
         for (token, user) in snapshot.sessions {
             server.restore_session(now, token, user);
         }
+        for (token, id, reply) in snapshot.last_replies {
+            if let Some(s) = server.sessions.get_mut(&token) {
+                s.dedup.mark(id);
+                s.dedup.remember(id, reply, 0);
+            }
+        }
         server
     }
 
@@ -421,8 +427,18 @@ impl Server {
             }
         };
         debug!("{from}: {kind} #{}", req.id);
+        // A logout's session is gone once it has run: its retransmission finds the reply under
+        // the token instead.
+        let reply = match (reply.slot, &req.body) {
+            (Slot::Session(token), proto::RequestBody::Logout) => {
+                ReplyTo { slot: Slot::Global(Key::Token(token, req.id)), ..reply }
+            }
+            _ => reply,
+        };
+        let writes_before = self.writes.len();
         if let Some(result) = self.execute(now, reply, session, req.token, req.body) {
-            self.reply(now, reply, result);
+            let wrote = self.writes.len() > writes_before;
+            self.reply_and_persist(now, reply, result, wrote);
         }
     }
 
@@ -646,7 +662,20 @@ impl Server {
         self.writes.push(w);
     }
 
-    fn reply(&mut self, _now: Instant, r: ReplyTo, result: Result<Response, ErrorCode>) {
+    fn reply(&mut self, now: Instant, r: ReplyTo, result: Result<Response, ErrorCode>) {
+        self.reply_and_persist(now, r, result, false);
+    }
+
+    /// Sends (or holds) a reply and caches it for retransmissions. `persist`: the request
+    /// changed something, so its reply is stored with the session, and a retransmission after a
+    /// daemon restart is answered instead of executed again.
+    fn reply_and_persist(
+        &mut self,
+        _now: Instant,
+        r: ReplyTo,
+        result: Result<Response, ErrorCode>,
+        persist: bool,
+    ) {
         if let Err(e) = &result {
             self.stats.errors += 1;
             *self.stats.errors_by_code.entry(e.code()).or_insert(0) += 1;
@@ -662,6 +691,11 @@ impl Server {
                 bytes.len(),
                 proto::MAX_DATAGRAM
             );
+        }
+        if let (true, Slot::Session(token)) = (persist, r.slot) {
+            if self.sessions.contains_key(&token) {
+                self.write(Write::LastReply { token, request_id: r.id, reply: bytes.clone() });
+            }
         }
         let batch = self.gate().unwrap_or(self.committed_batch);
         match r.slot {

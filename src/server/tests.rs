@@ -677,6 +677,44 @@ fn requests_per_session_are_limited() {
     assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::Pong));
 }
 
+#[test]
+fn a_retransmission_after_a_restart_is_answered_not_executed() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    let (_, post) = h.encode(Some(bob), RequestBody::Post { text: "once".into() });
+    let first: Vec<Transmit> = h.raw(a(2), &post).into_iter().filter(|t| t.to == a(2)).collect();
+    // The daemon restarts; the reply was lost, so the client sends the same request again.
+    h.store.begin_epoch().unwrap();
+    let snap = h.store.load().unwrap();
+    h.server = Server::new(
+        test_config(),
+        HashParams::TEST,
+        snap,
+        Box::new(rand::rngs::StdRng::seed_from_u64(9)),
+        h.now,
+    );
+    let again: Vec<Transmit> = h.raw(a(2), &post).into_iter().filter(|t| t.to == a(2)).collect();
+    assert_eq!(first, again, "the same reply");
+    assert_eq!(h.server.inbox_ids("alice"), vec![1], "stored once");
+    assert_eq!(h.store.load().unwrap().accounts.iter().find(|a| a.user == "alice").unwrap().inbox.len(), 1);
+}
+
+#[test]
+fn a_retransmitted_logout_is_answered_again() {
+    let mut h = H::new();
+    let t = h.user("alice", 1);
+    let (_, logout) = h.encode(Some(t), RequestBody::Logout);
+    let r1 = h.raw(a(1), &logout);
+    let r2 = h.raw(a(1), &logout);
+    assert!(matches!(
+        proto::decode_server(&r1[0].bytes),
+        Ok(ServerMsg::Reply { result: Ok(Response::LoggedOut), .. })
+    ));
+    assert_eq!(r1, r2);
+}
+
 mod props {
     use super::*;
     use proptest::prelude::*;

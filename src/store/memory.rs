@@ -20,6 +20,7 @@ pub struct MemoryStore {
     accounts: BTreeMap<String, Account>,
     subscriptions: BTreeSet<(String, String)>,
     sessions: HashMap<Token, String>,
+    last_replies: HashMap<Token, (u64, Vec<u8>)>,
     next_message_id: u64,
     epoch: u32,
     commits: u64,
@@ -33,6 +34,7 @@ impl MemoryStore {
             accounts: BTreeMap::new(),
             subscriptions: BTreeSet::new(),
             sessions: HashMap::new(),
+            last_replies: HashMap::new(),
             next_message_id: 1,
             epoch: 0,
             commits: 0,
@@ -62,6 +64,8 @@ impl MemoryStore {
                     acc.password_hash = password_hash.clone();
                 }
                 self.sessions.retain(|_, u| u != user);
+                let sessions = &self.sessions;
+                self.last_replies.retain(|t, _| sessions.contains_key(t));
             }
             Write::Subscribe { follower, followed } => {
                 self.subscriptions.insert((follower.clone(), followed.clone()));
@@ -91,6 +95,12 @@ impl MemoryStore {
             }
             Write::CloseSession { token } => {
                 self.sessions.remove(token);
+                self.last_replies.remove(token);
+            }
+            Write::LastReply { token, request_id, reply } => {
+                if self.sessions.contains_key(token) {
+                    self.last_replies.insert(*token, (*request_id, reply.clone()));
+                }
             }
         }
     }
@@ -117,6 +127,12 @@ impl Store for MemoryStore {
                 .collect(),
             subscriptions: self.subscriptions.iter().cloned().collect(),
             sessions: self.sessions.iter().map(|(t, u)| (*t, u.clone())).collect(),
+            last_replies: self
+                .last_replies
+                .iter()
+                .filter(|(t, _)| self.sessions.contains_key(t))
+                .map(|(t, (id, r))| (*t, *id, r.clone()))
+                .collect(),
             next_message_id: self.next_message_id,
         })
     }

@@ -43,6 +43,13 @@ pub enum Write {
         message: Message,
         recipients: Vec<String>,
     },
+    /// The reply to the newest request of a session that changed anything, so that its
+    /// retransmission after a daemon restart is answered, not executed again.
+    LastReply {
+        token: Token,
+        request_id: u64,
+        reply: Vec<u8>,
+    },
     /// The newest message id delivered to (acked by) any of the user's sessions.
     Delivered {
         user: String,
@@ -74,6 +81,8 @@ pub struct Snapshot {
     /// (follower, followed)
     pub subscriptions: Vec<(String, String)>,
     pub sessions: Vec<(Token, String)>,
+    /// (session, request id, encoded reply) from [`Write::LastReply`].
+    pub last_replies: Vec<(Token, u64, Vec<u8>)>,
     /// One more than the highest message id ever stored (ids are never reused).
     pub next_message_id: u64,
     /// This run's number (see [`Store::begin_epoch`] and [`crate::proto::ServerMsg::Push`]).

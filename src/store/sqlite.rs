@@ -19,10 +19,16 @@ use std::path::{Path, PathBuf};
 
 /// The schema this build writes. Version history:
 /// 1: accounts, subscriptions, messages, inbox, sessions, meta.
-pub const SCHEMA_VERSION: i64 = 1;
+/// 2: sessions remember their last reply (retransmissions across a restart run once).
+pub const SCHEMA_VERSION: i64 = 2;
 
 pub const DB_FILE: &str = "udpmsg.db";
 pub const LOCK_FILE: &str = "udpmsgd.lock";
+
+const MIGRATE_V2: &str = "
+ALTER TABLE sessions ADD COLUMN last_request_id INTEGER;
+ALTER TABLE sessions ADD COLUMN last_reply BLOB;
+";
 
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
@@ -180,7 +186,21 @@ impl SqliteStore {
             tx.commit().map_err(|e| err(&self.path, "cannot migrate", e))?;
             log::info!("{}: created schema version 1", self.path.display());
         }
-        // Later migrations go here: `if version < 2 { ... user_version = 2 }`.
+        if version < 2 {
+            self.migrate(2, MIGRATE_V2)?;
+        }
+        // Later migrations go here, each in its own transaction.
+        Ok(())
+    }
+
+    fn migrate(&mut self, to: i64, sql: &str) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction().map_err(|e| err(&path, "cannot migrate", e))?;
+        tx.execute_batch(sql)
+            .map_err(|e| err(&path, &format!("cannot migrate to schema version {to}"), e))?;
+        tx.pragma_update(None, "user_version", to).map_err(|e| err(&path, "cannot migrate", e))?;
+        tx.commit().map_err(|e| err(&path, "cannot migrate", e))?;
+        log::info!("{}: migrated to schema version {to}", path.display());
         Ok(())
     }
 
@@ -229,11 +249,23 @@ impl SqliteStore {
         for s in subs.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
             snap.subscriptions.push(s?);
         }
-        let mut sessions = self.conn.prepare("SELECT token, user_name FROM sessions")?;
-        for s in sessions.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))? {
-            let (t, user) = s?;
+        let mut sessions =
+            self.conn.prepare("SELECT token, user_name, last_request_id, last_reply FROM sessions")?;
+        let rows = sessions.query_map([], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<Vec<u8>>>(3)?,
+            ))
+        })?;
+        for s in rows {
+            let (t, user, last_id, last_reply) = s?;
             if let Ok(bytes) = <[u8; 16]>::try_from(t.as_slice()) {
                 snap.sessions.push((Token(bytes), user));
+                if let (Some(id), Some(reply)) = (last_id, last_reply) {
+                    snap.last_replies.push((Token(bytes), id as u64, reply));
+                }
             }
         }
         let max_id: i64 =
@@ -317,6 +349,12 @@ fn apply(max_inbox: usize, tx: &rusqlite::Transaction<'_>, batch: &[Write]) -> r
             Write::OpenSession { token, user } => {
                 tx.prepare_cached("INSERT OR REPLACE INTO sessions (token, user_name) VALUES (?1, ?2)")?
                     .execute(params![&token.0[..], user])?;
+            }
+            Write::LastReply { token, request_id, reply } => {
+                tx.prepare_cached(
+                    "UPDATE sessions SET last_request_id = ?2, last_reply = ?3 WHERE token = ?1",
+                )?
+                .execute(params![&token.0[..], *request_id as i64, reply])?;
             }
             Write::CloseSession { token } => {
                 tx.prepare_cached("DELETE FROM sessions WHERE token = ?1")?.execute([&token.0[..]])?;
@@ -487,7 +525,10 @@ mod tests {
             s.conn.pragma_update(None, "user_version", 9).unwrap();
         }
         let err = SqliteStore::open(&dir.0, 10).err().unwrap();
-        assert!(err.0.contains("schema version 9") && err.0.contains("up to version 1"), "{err}");
+        assert!(
+            err.0.contains("schema version 9") && err.0.contains(&format!("up to version {SCHEMA_VERSION}")),
+            "{err}"
+        );
 
         let dir = Dir::new("corrupt");
         std::fs::create_dir_all(&dir.0).unwrap();
