@@ -113,11 +113,21 @@ enum Slot {
     None,
 }
 
+/// A read-only request kept while its reply waits for a commit, to run it again if that fails.
+#[derive(Debug)]
+struct Rerun {
+    from: SocketAddr,
+    len: usize,
+    request: proto::Request,
+}
+
 /// Output waiting for a batch to commit.
 #[derive(Debug)]
 enum Held {
-    /// A reply; if the batch fails it becomes "storage unavailable".
-    Reply(ReplyTo, Transmit),
+    /// A reply. If the batch fails, a request that wrote nothing (it only waited because it may
+    /// have seen the batch's writes) runs again on the restored state; the others are answered
+    /// "storage unavailable".
+    Reply(ReplyTo, Transmit, Option<Rerun>),
     /// Start pushing to a session whose creation was in the batch.
     Activate(Token),
     /// Forward a stored message to the recipients' sessions.
@@ -436,9 +446,13 @@ impl Server {
             _ => reply,
         };
         let writes_before = self.writes.len();
+        // If this reply will wait for a commit, keep the request: should the commit fail and the
+        // request turn out to have only read, it runs again on the restored state.
+        let copy = self.gate().is_some().then(|| req.clone());
         if let Some(result) = self.execute(now, reply, session, req.token, req.body) {
             let wrote = self.writes.len() > writes_before;
-            self.reply_and_persist(now, reply, result, wrote);
+            let rerun = copy.filter(|_| !wrote).map(|request| Rerun { from, len, request });
+            self.reply_and_persist(now, reply, result, wrote, rerun);
         }
     }
 
@@ -536,13 +550,13 @@ impl Server {
                 break;
             }
             match self.held.pop_front().expect("peeked").1 {
-                Held::Reply(_, t) => self.out.push_back(t),
+                Held::Reply(_, t, _) => self.out.push_back(t),
                 other => later.push(other),
             }
         }
         for h in later {
             match h {
-                Held::Reply(_, t) => self.out.push_back(t),
+                Held::Reply(_, t, _) => self.out.push_back(t),
                 Held::Activate(token) => {
                     if let Some(s) = self.sessions.get_mut(&token) {
                         s.live = true;
@@ -566,10 +580,15 @@ impl Server {
         self.writes.clear();
         self.delivered.clear();
         let mut refused = 0;
+        let mut reruns = Vec::new();
         for (_, h) in std::mem::take(&mut self.held) {
-            if let Held::Reply(r, _) = h {
-                refused += 1;
+            if let Held::Reply(r, _, rerun) = h {
                 self.forget(r);
+                if let Some(rerun) = rerun {
+                    reruns.push(rerun);
+                    continue;
+                }
+                refused += 1;
                 let bytes = proto::encode_server(&ServerMsg::Reply {
                     id: r.id,
                     result: Err(ErrorCode::StorageUnavailable),
@@ -594,7 +613,13 @@ impl Server {
                 self.restore_session(now, token, user);
             }
         }
-        warn!("batch {n} was not stored; {refused} request(s) were told to retry");
+        warn!(
+            "batch {n} was not stored; {refused} request(s) were told to retry, {} read(s) run again",
+            reruns.len()
+        );
+        for r in reruns {
+            self.on_request(now, r.from, r.len, r.request);
+        }
     }
 
     /// Takes in account changes made by an admin command (`udpmsgd user ...`) while the daemon
@@ -663,7 +688,7 @@ impl Server {
     }
 
     fn reply(&mut self, now: Instant, r: ReplyTo, result: Result<Response, ErrorCode>) {
-        self.reply_and_persist(now, r, result, false);
+        self.reply_and_persist(now, r, result, false, None);
     }
 
     /// Sends (or holds) a reply and caches it for retransmissions. `persist`: the request
@@ -675,6 +700,7 @@ impl Server {
         r: ReplyTo,
         result: Result<Response, ErrorCode>,
         persist: bool,
+        rerun: Option<Rerun>,
     ) {
         if let Err(e) = &result {
             self.stats.errors += 1;
@@ -717,7 +743,7 @@ impl Server {
         }
         let t = Transmit { to: r.to, bytes };
         if batch > self.committed_batch {
-            self.held.push_back((batch, Held::Reply(r, t)));
+            self.held.push_back((batch, Held::Reply(r, t, rerun)));
         } else {
             self.out.push_back(t);
         }

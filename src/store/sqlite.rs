@@ -149,10 +149,20 @@ impl SqliteStore {
         ))
     }
 
+    /// Says "damaged" only when SQLite says so; anything else (a full disk, no permission) is
+    /// reported as it is, so nobody moves a good database away.
+    fn open_error(&self, e: rusqlite::Error) -> StoreError {
+        use rusqlite::ffi::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match e.sqlite_error_code() {
+            Some(NotADatabase | DatabaseCorrupt) => self.corrupt(e),
+            _ => err(&self.path, "cannot open the database", e),
+        }
+    }
+
     fn setup(&mut self) -> Result<(), StoreError> {
         // The first statement reads the header: a file that is not a database fails here.
         let check: String =
-            self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| self.corrupt(e))?;
+            self.conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(|e| self.open_error(e))?;
         if check != "ok" {
             return Err(self.corrupt(check));
         }
@@ -171,7 +181,7 @@ impl SqliteStore {
             .execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")
             .map_err(|e| err(&self.path, "cannot configure", e))?;
         let version: i64 =
-            self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| self.corrupt(e))?;
+            self.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(|e| self.open_error(e))?;
         if version > SCHEMA_VERSION {
             return Err(StoreError(format!(
                 "{}: the database has schema version {version}, this udpmsgd understands up to version \
