@@ -127,7 +127,7 @@ enum Held {
     /// A reply. If the batch fails, a request that wrote nothing (it only waited because it may
     /// have seen the batch's writes) runs again on the restored state; the others are answered
     /// "storage unavailable".
-    Reply(ReplyTo, Transmit, Option<Rerun>),
+    Reply(ReplyTo, Transmit, Option<Box<Rerun>>),
     /// Start pushing to a session whose creation was in the batch.
     Activate(Token),
     /// Forward a stored message to the recipients' sessions.
@@ -451,7 +451,7 @@ impl Server {
         let copy = self.gate().is_some().then(|| req.clone());
         if let Some(result) = self.execute(now, reply, session, req.token, req.body) {
             let wrote = self.writes.len() > writes_before;
-            let rerun = copy.filter(|_| !wrote).map(|request| Rerun { from, len, request });
+            let rerun = copy.filter(|_| !wrote).map(|request| Box::new(Rerun { from, len, request }));
             self.reply_and_persist(now, reply, result, wrote, rerun);
         }
     }
@@ -700,7 +700,7 @@ impl Server {
         r: ReplyTo,
         result: Result<Response, ErrorCode>,
         persist: bool,
-        rerun: Option<Rerun>,
+        rerun: Option<Box<Rerun>>,
     ) {
         if let Err(e) = &result {
             self.stats.errors += 1;
