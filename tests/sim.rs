@@ -296,7 +296,7 @@ fn hostile() -> FaultConfig {
 
 #[test]
 fn exactly_once_under_loss_duplication_and_reordering() {
-    let seeds: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(24);
+    let seeds: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(64);
     let first: u64 = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     for seed in first..first + seeds {
         check_property(seed, hostile(), 3, 4, 12);
