@@ -64,7 +64,7 @@ pub fn help() -> String {
 
 /// Does this command carry a password (so the REPL keeps it out of its history)?
 pub fn is_sensitive(line: &str) -> bool {
-    let name = line.trim_start().split('#').next().unwrap_or("");
+    let name = line.split('#').next().unwrap_or("").trim();
     matches!(name, "login" | "register" | "delete")
 }
 
@@ -185,6 +185,7 @@ mod tests {
         assert!(is_sensitive("register#a&b"));
         assert!(is_sensitive("delete#pw"));
         assert!(!is_sensitive("post#login#x"));
+        assert!(is_sensitive(" login #alice&pw"), "spaces around the name parse as login too");
     }
 
     #[test]

@@ -98,9 +98,16 @@ impl Token {
         diff == 0
     }
 
-    /// Hex form, used only for persisted session files and tests; never logged.
-    pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    /// A public name for the session this token opens: pushes carry it so that a client takes
+    /// only its own session's pushes. FNV-1a over the token: stable across builds, and it
+    /// reveals nothing usable about the 128 secret bits.
+    pub fn session_id(&self) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.0 {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
     }
 }
 
@@ -204,10 +211,13 @@ pub enum ServerMsg {
         id: u64,
         result: Result<Response, ErrorCode>,
     },
-    /// A forwarded message. `epoch` numbers the daemon's runs (it grows at every start); within
-    /// one epoch, `seq` counts the pushes of one session from 1 without gaps, so the
-    /// client can show them in order and drop duplicates. Acked with [`ClientMsg::PushAck`].
+    /// A forwarded message. `session` is [`Token::session_id`] of the session it is for, so a
+    /// client takes only its own session's pushes; `epoch` numbers the daemon's runs (it grows
+    /// at every start); within one epoch, `seq` counts the pushes of one session from 1 without
+    /// gaps, so the client can show them in order and drop duplicates. Acked with
+    /// [`ClientMsg::PushAck`].
     Push {
+        session: u64,
         epoch: u32,
         seq: u64,
         message: Message,
@@ -512,14 +522,15 @@ impl EncodedMessage {
     }
 }
 
-/// Encodes `ServerMsg::Push { epoch, seq, message }` into `out` without serializing the message
-/// again.
+/// Encodes `ServerMsg::Push { session, epoch, seq, message }` into `out` without serializing the
+/// message again.
 /// Produces exactly the bytes `encode_server` would (a unit test holds it to that).
-pub fn encode_push(epoch: u32, seq: u64, msg: &EncodedMessage, out: &mut Vec<u8>) {
+pub fn encode_push(session: u64, epoch: u32, seq: u64, msg: &EncodedMessage, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
     out.push(SERVER_MSG_PUSH_TAG);
+    push_varint(session, out);
     push_varint(u64::from(epoch), out);
     push_varint(seq, out);
     out.extend_from_slice(&msg.wire);
@@ -610,12 +621,17 @@ mod tests {
     fn server_round_trip_and_push_encoding_matches() {
         let message = Message { id: 42, author: "bob".into(), to: None, text: "hi".into() };
         let enc = EncodedMessage::new(message.clone());
-        for (epoch, seq) in [(1u32, 1u64), (200, 127), (u32::MAX, 128), (7, 1 << 40)] {
+        for (session, epoch, seq) in
+            [(0, 1u32, 1u64), (u64::MAX, 200, 127), (77, u32::MAX, 128), (1, 7, 1 << 40)]
+        {
             let mut manual = Vec::new();
-            encode_push(epoch, seq, &enc, &mut manual);
-            let generic = encode_server(&ServerMsg::Push { epoch, seq, message: message.clone() });
+            encode_push(session, epoch, seq, &enc, &mut manual);
+            let generic = encode_server(&ServerMsg::Push { session, epoch, seq, message: message.clone() });
             assert_eq!(manual, generic);
-            assert_eq!(decode_server(&manual), Ok(ServerMsg::Push { epoch, seq, message: message.clone() }));
+            assert_eq!(
+                decode_server(&manual),
+                Ok(ServerMsg::Push { session, epoch, seq, message: message.clone() })
+            );
         }
         let reply = ServerMsg::Reply { id: 3, result: Err(ErrorCode::TextTooLong { max: 5 }) };
         assert_eq!(decode_server(&encode_server(&reply)), Ok(reply));
@@ -641,7 +657,8 @@ mod tests {
         let text = long(MAX_TEXT_BYTES);
         let message =
             Message { id: u64::MAX, author: name.clone(), to: Some(name.clone()), text: text.clone() };
-        let push = encode_server(&ServerMsg::Push { epoch: u32::MAX, seq: u64::MAX, message });
+        let push =
+            encode_server(&ServerMsg::Push { session: u64::MAX, epoch: u32::MAX, seq: u64::MAX, message });
         assert!(push.len() <= MAX_DATAGRAM, "push is {} bytes", push.len());
         let send = encode_client(&ClientMsg::Request(Request {
             id: u64::MAX,

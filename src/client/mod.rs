@@ -308,17 +308,24 @@ impl Client {
             }
         };
         match msg {
-            ServerMsg::Push { epoch, seq, message } => self.on_push(epoch, seq, message),
+            ServerMsg::Push { session, epoch, seq, message } => {
+                self.on_push(now, session, epoch, seq, message)
+            }
             ServerMsg::Reply { id, result } => self.on_reply(now, id, result),
         }
     }
 
-    fn on_push(&mut self, epoch: u32, seq: u64, message: Message) {
+    fn on_push(&mut self, _now: Instant, session: u64, epoch: u32, seq: u64, message: Message) {
         let Some((token, _)) = self.session else {
             // Not logged in (or the login reply is still on its way): without a token we cannot
             // ack; the server retransmits.
             return;
         };
+        if session != token.session_id() {
+            // Another session's (an earlier login of this client), or forged: not ours to show.
+            trace!("ignoring a push for another session");
+            return;
+        }
         match self.pushes.receive(epoch, seq, message) {
             PushOutcome::Stale => return, // from a previous run of the daemon: nobody to ack
             PushOutcome::Buffered | PushOutcome::Duplicate => {}
@@ -361,7 +368,11 @@ impl Client {
             (Op::Login { user }, Response::LoggedIn { token, missed, catching_up }) => {
                 self.session = Some((token, user.clone()));
                 self.pushes.reset();
-                Done::LoggedIn { user, missed, catching_up }
+                // The daemon pushes only to an address the token has come back from: confirm
+                // ours at once (a request, so it is retransmitted until answered).
+                self.events.push_back(Event::Done(Done::LoggedIn { user, missed, catching_up }));
+                self.start(now, Op::Ping { user_asked: false }, RequestBody::Ping, now);
+                return;
             }
             (Op::Logout, Response::LoggedOut) => {
                 self.session = None;

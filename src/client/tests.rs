@@ -39,6 +39,14 @@ fn login(c: &mut Client, now: Instant) -> Token {
         c.poll_event(),
         Some(Event::Done(Done::LoggedIn { user: "alice".into(), missed: 0, catching_up: 0 }))
     );
+    // The client confirms its address at once with a ping carrying the new token.
+    let ping = match &sent(c)[..] {
+        [ClientMsg::Request(r)] if r.body == RequestBody::Ping && r.token == Some(token) => r.id,
+        other => panic!("{other:?}"),
+    };
+    reply(c, now, ping, Ok(Response::Pong));
+    assert_eq!(c.poll_event(), None, "the user does not see that ping");
+    assert!(c.is_ready());
     token
 }
 
@@ -135,7 +143,11 @@ fn pushes_are_acked_shown_once_and_in_order() {
     let token = login(&mut c, t0);
     let m = |id: u64| Message { id, author: "bob".into(), to: None, text: format!("m{id}") };
     let push = |c: &mut Client, seq: u64, msg: Message| {
-        c.handle(t0, addr(), &encode_server(&ServerMsg::Push { epoch: 1, seq, message: msg }));
+        c.handle(
+            t0,
+            addr(),
+            &encode_server(&ServerMsg::Push { session: token.session_id(), epoch: 1, seq, message: msg }),
+        );
     };
     push(&mut c, 2, m(12));
     assert_eq!(sent(&mut c), vec![ClientMsg::PushAck { token, seq: 2 }]);
@@ -150,11 +162,15 @@ fn pushes_are_acked_shown_once_and_in_order() {
     assert_eq!(c.poll_event(), Some(Event::Push(m(11))));
     assert_eq!(c.poll_event(), Some(Event::Push(m(12))));
     assert_eq!(c.poll_event(), None);
+    // Another session's push (an earlier login, or a forgery) is neither shown nor acked.
+    c.handle(t0, addr(), &encode_server(&ServerMsg::Push { session: 1, epoch: 9, seq: 3, message: m(99) }));
+    assert!(sent(&mut c).is_empty());
+    assert_eq!(c.poll_event(), None);
     // From anyone but the server: ignored.
     c.handle(
         t0,
         "127.0.0.1:9".parse().unwrap(),
-        &encode_server(&ServerMsg::Push { epoch: 1, seq: 3, message: m(13) }),
+        &encode_server(&ServerMsg::Push { session: token.session_id(), epoch: 1, seq: 3, message: m(13) }),
     );
     assert!(sent(&mut c).is_empty());
 }

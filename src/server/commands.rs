@@ -138,16 +138,26 @@ impl Server {
         if password.len() > self.cfg.max_password_len as usize {
             return Some(Err(ErrorCode::BadCredentials));
         }
-        // Throttled attempts are refused before any hashing: they cost us nothing.
+        if !proto::valid_name(&user, proto::MAX_NAME_LEN) {
+            // No such account can exist; say so the same way, without hashing.
+            return Some(Err(ErrorCode::BadCredentials));
+        }
+        // Throttled attempts are refused before any hashing: they cost us nothing. The account's
+        // bucket lives in the account (nobody can evict it by flooding other names); unknown
+        // names are limited by the address's bucket alone.
         let ip = reply.to.ip();
-        let wait = self.login_by_user.blocked(now, &user).max(self.login_by_addr.blocked(now, &ip));
+        let (burst, refill) = (self.cfg.login_failures_per_user_burst, self.login_refill());
+        let account_wait = self.users.get(&user).and_then(|a| a.login_bucket.blocked(now, burst, refill));
+        let wait = account_wait.max(self.login_by_addr.blocked(now, &ip));
         if let Some(wait) = wait {
             self.stats.logins_throttled += 1;
             let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u32;
             return Some(Err(ErrorCode::RateLimited { retry_after_secs }));
         }
         // Every attempt takes a token; a successful one gives it back.
-        let _ = self.login_by_user.take(now, &user);
+        if let Some(acc) = self.users.get_mut(&user) {
+            let _ = acc.login_bucket.take(now, burst, refill);
+        }
         let _ = self.login_by_addr.take(now, &ip);
         // An unknown user is verified against a dummy hash, so that it costs the same time as a
         // wrong password; the outcome is ignored.
@@ -159,7 +169,9 @@ impl Server {
         match self.submit_job(job, Auth::Login { user: user.clone(), reply, hash }) {
             Ok(()) => None,
             Err(e) => {
-                self.login_by_user.give_back(&user);
+                if let Some(acc) = self.users.get_mut(&user) {
+                    acc.login_bucket.give_back(burst);
+                }
                 self.login_by_addr.give_back(&ip);
                 Some(Err(e))
             }
@@ -183,7 +195,7 @@ impl Server {
                             user: user.clone(),
                             password_hash: password_hash.clone(),
                         });
-                        self.users.insert(user, Account { password_hash, ..Default::default() });
+                        self.users.insert(user, Account::new(password_hash, now));
                         Ok(Response::Registered)
                     }
                     PasswordOutcome::Hashed(Some(_)) => Err(ErrorCode::NameTaken { user }),
@@ -196,7 +208,10 @@ impl Server {
                 let ok = outcome == PasswordOutcome::Verified(true)
                     && self.users.get(&user).is_some_and(|a| a.password_hash == hash);
                 if ok {
-                    self.login_by_user.give_back(&user);
+                    let burst = self.cfg.login_failures_per_user_burst;
+                    if let Some(acc) = self.users.get_mut(&user) {
+                        acc.login_bucket.give_back(burst);
+                    }
                     self.login_by_addr.give_back(&reply.to.ip());
                 }
                 let result =
@@ -210,6 +225,10 @@ impl Server {
                     self.delete_account(&user, true);
                     Ok(Response::Deleted)
                 } else {
+                    // The session lives on: let its retransmission run (and be checked) again.
+                    if let Some(s) = self.sessions.get_mut(&token) {
+                        s.dedup.forget(reply.id);
+                    }
                     Err(ErrorCode::BadCredentials)
                 };
                 self.forget_error(reply, &result);
@@ -235,7 +254,7 @@ impl Server {
             return Err(ErrorCode::Busy);
         }
         let token = self.new_token();
-        let mut s = Session::new(user.clone(), Some(reply.to), now, self.cfg.push_rto());
+        let mut s = Session::new(user.clone(), token.session_id(), Some(reply.to), now, self.cfg.push_rto());
         // Catch-up: what arrived while no session of this user acknowledged it.
         let acc = self.users.get_mut(&user).expect("checked");
         let missed: Vec<_> =

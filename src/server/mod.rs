@@ -36,6 +36,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use throttle::Throttle;
 
+impl Account {
+    fn new(password_hash: String, now: Instant) -> Account {
+        Account {
+            password_hash,
+            login_bucket: throttle::Bucket::full(u32::MAX, now),
+            following: BTreeSet::new(),
+            followers: BTreeSet::new(),
+            inbox: VecDeque::new(),
+            sessions: Vec::new(),
+            last_delivered: 0,
+        }
+    }
+}
+
 /// A datagram to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
@@ -76,9 +90,11 @@ pub struct Stats {
 }
 
 /// An account in memory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Account {
     password_hash: String,
+    /// Failed logins (config `login_failures_per_user_*`).
+    login_bucket: throttle::Bucket,
     following: BTreeSet<String>,
     followers: BTreeSet<String>,
     /// Oldest first, at most `max_inbox`.
@@ -165,10 +181,11 @@ pub struct Server {
     committed_batch: u64,
     /// A batch handed out by `take_writes` and not yet reported.
     in_flight_batch: Option<u64>,
+    /// Sessions closed by a batch not yet committed, kept whole to put back if it fails.
+    closing: Vec<(u64, Token, Session)>,
     stats: Stats,
     /// A hash to verify against for unknown users, so timing does not reveal who exists.
     dummy_hash: String,
-    login_by_user: Throttle<String>,
     login_by_addr: Throttle<IpAddr>,
     register_by_addr: Throttle<IpAddr>,
 }
@@ -190,12 +207,7 @@ impl Server {
         rng: Box<dyn rand::Rng + Send>,
         now: Instant,
     ) -> Self {
-        let users = accounts_from(snapshot.accounts, snapshot.subscriptions);
-        let login_by_user = Throttle::new(
-            cfg.login_failures_per_user_burst,
-            Duration::from_secs(cfg.login_failures_per_user_refill_secs),
-            THROTTLE_KEYS,
-        );
+        let users = accounts_from(snapshot.accounts, snapshot.subscriptions, now);
         let login_by_addr = Throttle::new(
             cfg.login_failures_per_address_burst,
             Duration::from_secs(cfg.login_failures_per_address_refill_secs),
@@ -229,10 +241,10 @@ impl Server {
             open_batch: 1,
             committed_batch: 0,
             in_flight_batch: None,
+            closing: Vec::new(),
             stats: Stats::default(),
             // Computed once here (a few ms at startup) rather than on the event loop later.
             dummy_hash: crate::password::hash("no such user", hash_params).unwrap_or_default(),
-            login_by_user,
             login_by_addr,
             register_by_addr,
         };
@@ -241,8 +253,7 @@ impl Server {
         }
         for (token, id, reply) in snapshot.last_replies {
             if let Some(s) = server.sessions.get_mut(&token) {
-                s.dedup.mark(id);
-                s.dedup.remember(id, reply, 0);
+                s.dedup.restore(id, reply);
             }
         }
         server
@@ -253,7 +264,7 @@ impl Server {
     fn restore_session(&mut self, now: Instant, token: Token, user: String) {
         let Some(acc) = self.users.get_mut(&user) else { return };
         acc.sessions.push(token);
-        let mut s = Session::new(user, None, now, self.cfg.push_rto());
+        let mut s = Session::new(user, token.session_id(), None, now, self.cfg.push_rto());
         s.live = true;
         let missed = acc.inbox.iter().filter(|m| m.message.id > acc.last_delivered);
         let skip = missed.clone().count().saturating_sub(self.cfg.catch_up_max as usize);
@@ -275,6 +286,10 @@ impl Server {
         self.auth.len()
     }
 
+    fn login_refill(&self) -> Duration {
+        Duration::from_secs(self.cfg.login_failures_per_user_refill_secs)
+    }
+
     pub fn config(&self) -> &ServerConfig {
         &self.cfg
     }
@@ -282,8 +297,6 @@ impl Server {
     /// Replaces the settings that can change at runtime (limits and timers). Settings that
     /// need a restart (`listen`, `data_dir`, `storage`) are the shell's to keep.
     pub fn set_config(&mut self, cfg: ServerConfig) {
-        self.login_by_user.burst = cfg.login_failures_per_user_burst;
-        self.login_by_user.refill = Duration::from_secs(cfg.login_failures_per_user_refill_secs);
         self.login_by_addr.burst = cfg.login_failures_per_address_burst;
         self.login_by_addr.refill = Duration::from_secs(cfg.login_failures_per_address_refill_secs);
         self.register_by_addr.burst = cfg.registrations_per_address_burst;
@@ -317,25 +330,31 @@ impl Server {
             }
         };
         match msg {
-            ClientMsg::PushAck { token, seq } => self.on_push_ack(now, token, seq),
+            ClientMsg::PushAck { token, seq } => self.on_push_ack(now, from, token, seq),
             ClientMsg::Request(req) => self.on_request(now, from, bytes.len(), req),
         }
     }
 
-    fn on_push_ack(&mut self, now: Instant, token: Token, seq: u64) {
+    fn on_push_ack(&mut self, now: Instant, from: SocketAddr, token: Token, seq: u64) {
         let Some(s) = self.sessions.get_mut(&token) else {
             trace!("ack for unknown session");
             return;
         };
         s.last_seen = now;
-        let Some(msg_id) = s.ack(now, seq) else { return };
+        if s.addr == Some(from) && !s.verified {
+            // The token came back from the push address: it is real.
+            s.verified = true;
+            self.pump(now, token);
+            return;
+        }
+        let Some(through) = s.ack(now, seq) else { return };
         self.stats.pushes_acked += 1;
         let user = s.user.clone();
         if let Some(acc) = self.users.get_mut(&user) {
-            if msg_id > acc.last_delivered {
-                acc.last_delivered = msg_id;
+            if through > acc.last_delivered {
+                acc.last_delivered = through;
                 let e = self.delivered.entry(user).or_insert(0);
-                *e = (*e).max(msg_id);
+                *e = (*e).max(through);
             }
         }
         self.pump(now, token);
@@ -362,6 +381,14 @@ impl Server {
                     }
                     Seen::Drop => {
                         self.stats.duplicate_requests += 1;
+                        // Requests answered through the token-keyed cache (delete) live there.
+                        if let Some(Entry::Done(bytes, batch)) = self.replies.get(&Key::Token(token, req.id))
+                        {
+                            if *batch <= committed {
+                                self.out.push_back(Transmit { to: from, bytes: bytes.clone() });
+                                return;
+                            }
+                        }
                         debug!("{from}: duplicate {kind} #{} dropped", req.id);
                         return;
                     }
@@ -385,6 +412,7 @@ impl Server {
                         p.deadline = now;
                     }
                 }
+                s.verified = true;
                 if s.addr != Some(from) {
                     // Only an authenticated request moves the push address (NAT rebinding).
                     info!("session of {} moved from {:?} to {from}", s.user, s.addr);
@@ -543,6 +571,7 @@ impl Server {
         self.stats.commits += 1;
         self.stats.committed_writes += writes as u64;
         self.stats.largest_batch = self.stats.largest_batch.max(writes as u64);
+        self.closing.retain(|(b, _, _)| *b > n);
         // Replies first, then the pushes: a client learns its token before its first push.
         let mut later = Vec::new();
         while let Some((b, _)) = self.held.front() {
@@ -599,9 +628,18 @@ impl Server {
             }
             // Activations and fan-outs of the failed batch never happen.
         }
-        self.users = accounts_from(durable.accounts, durable.subscriptions);
+        self.users = accounts_from(durable.accounts, durable.subscriptions, now);
         self.next_message_id = self.next_message_id.max(durable.next_message_id);
         let stored: HashMap<Token, String> = durable.sessions.into_iter().collect();
+        // Sessions the failed batch closed come back exactly as they were (push numbering,
+        // windows, de-duplication); those it opened go.
+        for (_, token, s) in std::mem::take(&mut self.closing) {
+            if stored.get(&token) == Some(&s.user) {
+                self.expired.remove(&token);
+                self.sessions.insert(token, s);
+                self.schedule(token, now);
+            }
+        }
         self.sessions.retain(|t, s| stored.get(t) == Some(&s.user));
         for (token, s) in &self.sessions {
             if let Some(acc) = self.users.get_mut(&s.user) {
@@ -625,8 +663,8 @@ impl Server {
     /// Takes in account changes made by an admin command (`udpmsgd user ...`) while the daemon
     /// runs: new accounts appear, deleted ones go (with their sessions), and a changed password
     /// revokes every session of that user. `durable` is the store's state, reloaded by the shell.
-    pub fn sync_accounts(&mut self, durable: Snapshot) {
-        let stored = accounts_from(durable.accounts, durable.subscriptions);
+    pub fn sync_accounts(&mut self, now: Instant, durable: Snapshot) {
+        let stored = accounts_from(durable.accounts, durable.subscriptions, now);
         let gone: Vec<String> = self.users.keys().filter(|u| !stored.contains_key(*u)).cloned().collect();
         for user in gone {
             if !self.reserved.contains(&user) {
@@ -702,6 +740,7 @@ impl Server {
         persist: bool,
         rerun: Option<Box<Rerun>>,
     ) {
+        let is_err = result.is_err();
         if let Err(e) = &result {
             self.stats.errors += 1;
             *self.stats.errors_by_code.entry(e.code()).or_insert(0) += 1;
@@ -730,6 +769,8 @@ impl Server {
                     s.dedup.remember(r.id, bytes.clone(), batch);
                 }
             }
+            // Errors are cheap to compute again: they do not occupy the bounded cache.
+            Slot::Global(key) if is_err => self.replies.remove(&key),
             Slot::Global(key) => self.replies.insert(_now, key, Entry::Done(bytes.clone(), batch)),
             Slot::None => {}
         }
@@ -795,7 +836,7 @@ impl Server {
         let max_tries = self.cfg.push_max_tries;
         let Some(s) = self.sessions.get_mut(&token) else { return };
         let Some(addr) = s.addr else { return };
-        if !s.live || s.unresponsive {
+        if !s.live || s.unresponsive || !s.verified {
             return;
         }
         for i in 0..s.inflight.len() {
@@ -817,7 +858,7 @@ impl Server {
             p.retransmitted = true;
             p.deadline = now + s.rtt.backoff(p.tries);
             let mut bytes = Vec::new();
-            proto::encode_push(self.epoch, p.seq, &p.msg, &mut bytes);
+            proto::encode_push(s.id, self.epoch, p.seq, &p.msg, &mut bytes);
             self.out.push_back(Transmit { to: addr, bytes });
             self.stats.pushes_retransmitted += 1;
         }
@@ -846,6 +887,9 @@ impl Server {
             acc.sessions.retain(|t| *t != token);
         }
         self.write(Write::CloseSession { token });
+        // Kept until the close is durable: a failed commit puts it back as it was.
+        let batch = self.gate().unwrap_or(self.open_batch);
+        self.closing.push((batch, token, s));
         if expired {
             if self.expired_order.len() == EXPIRED_MEMORY {
                 if let Some(old) = self.expired_order.pop_front() {
@@ -894,6 +938,7 @@ pub(crate) mod tests;
 fn accounts_from(
     accounts: Vec<crate::store::AccountRecord>,
     subscriptions: Vec<(String, String)>,
+    now: Instant,
 ) -> BTreeMap<String, Account> {
     let mut users: BTreeMap<String, Account> = BTreeMap::new();
     let mut shared: HashMap<u64, Arc<EncodedMessage>> = HashMap::new();
@@ -903,15 +948,10 @@ fn accounts_from(
             .into_iter()
             .map(|m| shared.entry(m.id).or_insert_with(|| Arc::new(EncodedMessage::new(m))).clone())
             .collect();
-        users.insert(
-            a.user,
-            Account {
-                password_hash: a.password_hash,
-                inbox,
-                last_delivered: a.last_delivered,
-                ..Default::default()
-            },
-        );
+        let mut acc = Account::new(a.password_hash, now);
+        acc.inbox = inbox;
+        acc.last_delivered = a.last_delivered;
+        users.insert(a.user, acc);
     }
     for (follower, followed) in subscriptions {
         if users.contains_key(&follower) && users.contains_key(&followed) {

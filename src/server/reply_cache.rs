@@ -49,9 +49,18 @@ impl ReplyCache {
         let expires = now + self.ttl;
         self.map.insert(key, (entry, expires));
         self.order.push_back((expires, key));
-        while self.map.len() > self.max {
-            let Some((_, old)) = self.order.pop_front() else { break };
-            self.map.remove(&old);
+        // Evict the oldest finished entries. Entries still being executed stay (there are at
+        // most as many as password jobs may be queued): evicting one would let a retransmission
+        // run the request a second time.
+        let mut skipped = 0;
+        while self.map.len() > self.max && skipped < self.order.len() {
+            let Some((t, old)) = self.order.pop_front() else { break };
+            if matches!(self.map.get(&old), Some((Entry::Pending, _))) {
+                self.order.push_back((t, old));
+                skipped += 1;
+            } else {
+                self.map.remove(&old);
+            }
         }
     }
 
@@ -91,11 +100,11 @@ mod tests {
         let t0 = Instant::now();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         let mut c = ReplyCache::new(Duration::from_secs(10), 2);
-        c.insert(t0, Key::Addr(addr, 1), Entry::Pending);
+        c.insert(t0, Key::Addr(addr, 1), Entry::Done(vec![0], 0));
         c.insert(t0, Key::Addr(addr, 2), Entry::Pending);
         c.insert(t0, Key::Addr(addr, 2), Entry::Done(vec![1], 0));
         assert_eq!(c.get(&Key::Addr(addr, 2)), Some(&Entry::Done(vec![1], 0)));
-        c.insert(t0, Key::Addr(addr, 3), Entry::Pending);
+        c.insert(t0, Key::Addr(addr, 3), Entry::Done(vec![3], 0));
         assert_eq!(c.len(), 2);
         assert!(c.get(&Key::Addr(addr, 1)).is_none(), "oldest evicted");
         c.expire(t0 + Duration::from_secs(9));
@@ -103,5 +112,18 @@ mod tests {
         c.expire(t0 + Duration::from_secs(10));
         assert_eq!(c.len(), 0);
         assert!(c.next_expiry().is_none() || c.map.is_empty());
+    }
+
+    #[test]
+    fn pending_entries_are_never_evicted() {
+        let t0 = Instant::now();
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut c = ReplyCache::new(Duration::from_secs(10), 2);
+        c.insert(t0, Key::Addr(addr, 1), Entry::Pending);
+        for id in 2..10 {
+            c.insert(t0, Key::Addr(addr, id), Entry::Done(vec![], 0));
+        }
+        assert_eq!(c.get(&Key::Addr(addr, 1)), Some(&Entry::Pending));
+        assert_eq!(c.len(), 2);
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::proto::{self, EncodedMessage};
 use crate::rtt::{RtoConfig, RttEstimator};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -102,6 +102,15 @@ impl Dedup {
         self.replies.retain(|(rid, _, _)| *rid != id);
     }
 
+    /// After a restart: every id up to `id` counts as done (clients send one request at a
+    /// time), and `id`'s reply is known.
+    pub fn restore(&mut self, id: u64, reply: Vec<u8>) {
+        self.highest = Some(id);
+        self.bits = u64::MAX;
+        self.replies.clear();
+        self.replies.push_back((id, reply, 0));
+    }
+
     pub fn remember(&mut self, id: u64, reply: Vec<u8>, batch: u64) {
         if self.replies.len() == REPLY_SLOTS {
             self.replies.pop_front();
@@ -113,12 +122,20 @@ impl Dedup {
 #[derive(Debug)]
 pub(crate) struct Session {
     pub user: String,
+    /// [`proto::Token::session_id`], carried by every push.
+    pub id: u64,
     /// Where pushes go; `None` after a restart until the client is heard from.
     pub addr: Option<SocketAddr>,
     pub created: Instant,
     pub last_seen: Instant,
     /// Pushes wait until the session's creation has been committed.
     pub live: bool,
+    /// Pushes wait until a datagram carrying the token came from `addr`: a login from a spoofed
+    /// address must not turn into a stream of pushes towards it.
+    pub verified: bool,
+    /// Acked pushes above the lowest unacked one: (seq, message id). Delivery is recorded only
+    /// up to the first gap, so a lost push is never counted as delivered.
+    pub acked_early: BTreeMap<u64, u64>,
     /// Set when a push exhausted its tries; cleared when the client is heard from again.
     pub unresponsive: bool,
     pub rtt: RttEstimator,
@@ -133,9 +150,12 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub fn new(user: String, addr: Option<SocketAddr>, now: Instant, rto: RtoConfig) -> Self {
+    pub fn new(user: String, id: u64, addr: Option<SocketAddr>, now: Instant, rto: RtoConfig) -> Self {
         Session {
             user,
+            id,
+            verified: false,
+            acked_early: BTreeMap::new(),
             addr,
             created: now,
             last_seen: now,
@@ -171,7 +191,7 @@ impl Session {
         out: &mut impl FnMut(SocketAddr, Vec<u8>),
     ) -> u64 {
         let Some(addr) = self.addr else { return 0 };
-        if !self.live || self.unresponsive {
+        if !self.live || self.unresponsive || !self.verified {
             return 0;
         }
         let mut sent = 0;
@@ -180,7 +200,7 @@ impl Session {
             let seq = self.next_seq;
             self.next_seq += 1;
             let mut bytes = Vec::with_capacity(proto::HEADER_LEN + 10 + msg.wire_len());
-            proto::encode_push(epoch, seq, &msg, &mut bytes);
+            proto::encode_push(self.id, epoch, seq, &msg, &mut bytes);
             out(addr, bytes);
             let deadline = now + self.rtt.backoff(1);
             self.inflight.push_back(Inflight {
@@ -196,7 +216,8 @@ impl Session {
         sent
     }
 
-    /// Removes the acked push. Returns its message id when it was in flight.
+    /// Removes the acked push. `None` if it was not in flight; otherwise the newest message id
+    /// now delivered without a gap before it (0 if the ack is ahead of a missing one).
     pub fn ack(&mut self, now: Instant, seq: u64) -> Option<u64> {
         let pos = self.inflight.iter().position(|p| p.seq == seq)?;
         let p = self.inflight.remove(pos)?;
@@ -204,13 +225,23 @@ impl Session {
             // Karn's rule: only exchanges sent once give an unambiguous sample.
             self.rtt.sample(now.saturating_duration_since(p.first_sent));
         }
-        Some(p.msg.message.id)
+        self.acked_early.insert(p.seq, p.msg.message.id);
+        let floor = self.inflight.front().map_or(self.next_seq, |p| p.seq);
+        let mut through = 0;
+        while let Some((&s, &id)) = self.acked_early.first_key_value() {
+            if s >= floor {
+                break;
+            }
+            through = through.max(id);
+            self.acked_early.pop_first();
+        }
+        Some(through)
     }
 
     /// Earliest moment something has to happen for this session, given its expiry.
     pub fn next_deadline(&self, expiry: Instant) -> Instant {
         let mut next = expiry;
-        if self.live && !self.unresponsive && self.addr.is_some() {
+        if self.live && !self.unresponsive && self.verified && self.addr.is_some() {
             for p in &self.inflight {
                 next = next.min(p.deadline);
             }

@@ -43,6 +43,12 @@ impl Bucket {
     pub fn give_back(&mut self, burst: u32) {
         self.tokens = (self.tokens + 1.0).min(f64::from(burst));
     }
+
+    /// How long until a token is available, if none is now. Takes nothing.
+    pub fn blocked(&self, now: Instant, burst: u32, refill: Duration) -> Option<Duration> {
+        let mut probe = *self;
+        probe.take(now, burst, refill).err()
+    }
 }
 
 /// Buckets by key, bounded in number.

@@ -298,6 +298,15 @@ fn apply(max_inbox: usize, tx: &rusqlite::Transaction<'_>, batch: &[Write]) -> r
     for w in batch {
         match w {
             Write::CreateAccount { user, password_hash } => {
+                // A name can be registered again after a deletion; nothing of a previous owner
+                // (rows an earlier race may have left) may carry over.
+                for sql in [
+                    "DELETE FROM subscriptions WHERE follower = ?1 OR followed = ?1",
+                    "DELETE FROM inbox WHERE user_name = ?1",
+                    "DELETE FROM sessions WHERE user_name = ?1",
+                ] {
+                    tx.prepare_cached(sql)?.execute([user])?;
+                }
                 tx.prepare_cached(
                     "INSERT INTO accounts (name, password_hash, last_delivered) VALUES (?1, ?2, 0)",
                 )?

@@ -236,6 +236,9 @@ fn apply_reload(core: &mut Server, new: ServerConfig) {
     kept.storage = old.storage;
     kept.password_workers = old.password_workers;
     kept.metrics_listen = old.metrics_listen;
+    kept.max_inbox = old.max_inbox;
+    kept.reply_cache_ttl_secs = old.reply_cache_ttl_secs;
+    kept.reply_cache_max_unauthenticated = old.reply_cache_max_unauthenticated;
     core.set_config(kept);
     if changed.is_empty() {
         info!("SIGHUP: configuration reloaded, nothing changed");
@@ -245,14 +248,23 @@ fn apply_reload(core: &mut Server, new: ServerConfig) {
 }
 
 /// Settings that only a restart applies.
-const RESTART_KEYS: &[&str] = &["listen", "data_dir", "storage", "password_workers", "metrics_listen"];
+const RESTART_KEYS: &[&str] = &[
+    "listen",
+    "data_dir",
+    "storage",
+    "password_workers",
+    "metrics_listen",
+    "max_inbox",
+    "reply_cache_ttl_secs",
+    "reply_cache_max_unauthenticated",
+];
 
 /// Picks up accounts added, deleted or given a new password by `udpmsgd user ...`.
 fn sync_external(core: &mut Server, store: &mut dyn Store) {
     match store.changed_externally() {
         Ok(false) => {}
         Ok(true) => match store.load() {
-            Ok(durable) => core.sync_accounts(durable),
+            Ok(durable) => core.sync_accounts(Instant::now(), durable),
             Err(e) => warn!("cannot read the store after an outside change: {e}"),
         },
         Err(e) => debug!("cannot check the store for outside changes: {e}"),
