@@ -366,7 +366,13 @@ pub const ENV_PREFIX: &str = "UDPMSG_";
 pub struct Layered {
     pub config: ServerConfig,
     pub sources: std::collections::BTreeMap<String, Source>,
+    /// `UDPMSG_*` variables that name no setting. They are ignored, not fatal: orchestrators
+    /// add variables like `UDPMSG_PORT` for a service named `udpmsg` on their own.
+    pub ignored_env: Vec<String>,
 }
+
+/// Variables with the prefix that are not settings.
+const ENV_NOT_SETTINGS: &[&str] = &["UDPMSG_CONFIG"];
 
 impl Layered {
     /// The effective configuration as TOML, each key annotated with where it came from.
@@ -412,12 +418,17 @@ pub fn layered_server(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
         Err(e) => return Err(ConfigError(format!("{origin}: cannot read: {e}"))),
     }
-    let mut env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && !ENV_NOT_SETTINGS.contains(&k.as_str()))
+        .collect();
     env.sort();
+    let mut ignored_env = Vec::new();
     for (var, raw) in env {
         let key = var[ENV_PREFIX.len()..].to_ascii_lowercase();
         if !defaults.contains_key(&key) {
-            return Err(ConfigError(format!("environment: unknown setting {var} (no key `{key}`)")));
+            ignored_env.push(var);
+            continue;
         }
         // A TOML value (number, boolean, quoted string) as written, else a bare string.
         let value = format!("v = {raw}")
@@ -446,7 +457,7 @@ pub fn layered_server(
             .map(|(_, s)| format!(" (from {s})"));
         ConfigError(format!("{origin}: {e}{}", culprit.unwrap_or_default()))
     })?;
-    Ok(Layered { config, sources })
+    Ok(Layered { config, sources, ignored_env })
 }
 
 #[cfg(test)]
@@ -524,8 +535,8 @@ mod tests {
         let e = bad.unwrap_err().0;
         assert!(e.contains("max_retrieve") && e.contains("UDPMSG_MAX_RETRIEVE"), "{e}");
         let unknown =
-            layered_server(&path, true, vec![("UDPMSG_LISEN".into(), "x".into())], toml::Table::new());
-        assert!(unknown.unwrap_err().0.contains("UDPMSG_LISEN"));
+            layered_server(&path, true, vec![("UDPMSG_PORT".into(), "udp://x".into())], toml::Table::new());
+        assert_eq!(unknown.unwrap().ignored_env, vec!["UDPMSG_PORT"], "ignored with a warning, not fatal");
         std::fs::write(&path, "lisen = 1\n").unwrap();
         let e = layered_server(&path, true, Vec::new(), toml::Table::new()).unwrap_err().0;
         assert!(e.contains("lisen") && e.contains("server.toml"), "{e}");

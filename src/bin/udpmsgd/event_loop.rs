@@ -49,21 +49,8 @@ pub fn run(
     reload: Reload,
     on_listening: &mut dyn FnMut(SocketAddr),
 ) -> Result<(), String> {
-    let mut store: Box<dyn Store> = match cfg.storage {
-        StorageKind::Sqlite => {
-            Box::new(SqliteStore::open(&cfg.data_dir, cfg.max_inbox as usize).map_err(|e| e.to_string())?)
-        }
-        StorageKind::Memory => Box::new(MemoryStore::new(cfg.max_inbox as usize)),
-    };
-    store.begin_epoch().map_err(|e| format!("cannot start storage: {e}"))?;
-    let snapshot = store.load().map_err(|e| format!("cannot load storage: {e}"))?;
-
+    // Signals first: as PID 1 in a container, nothing else would stop us while we start.
     let mut poll = Poll::new().map_err(|e| format!("cannot create poll: {e}"))?;
-    let mut socket = UdpSocket::bind(cfg.listen).map_err(|e| format!("cannot bind {}: {e}", cfg.listen))?;
-    let local = socket.local_addr().map_err(|e| e.to_string())?;
-    poll.registry()
-        .register(&mut socket, SOCKET, Interest::READABLE | Interest::WRITABLE)
-        .map_err(|e| e.to_string())?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| e.to_string())?);
 
     // A thread turns signals into flags and a wake-up of the loop.
@@ -88,6 +75,25 @@ pub fn run(
             })
             .map_err(|e| e.to_string())?;
     }
+
+    let mut store: Box<dyn Store> = match cfg.storage {
+        StorageKind::Sqlite => {
+            Box::new(SqliteStore::open(&cfg.data_dir, cfg.max_inbox as usize).map_err(|e| e.to_string())?)
+        }
+        StorageKind::Memory => Box::new(MemoryStore::new(cfg.max_inbox as usize)),
+    };
+    store.begin_epoch().map_err(|e| format!("cannot start storage: {e}"))?;
+    let snapshot = store.load().map_err(|e| format!("cannot load storage: {e}"))?;
+
+    if stop.load(Ordering::SeqCst) {
+        info!("signal received while starting, not serving");
+        return Ok(());
+    }
+    let mut socket = UdpSocket::bind(cfg.listen).map_err(|e| format!("cannot bind {}: {e}", cfg.listen))?;
+    let local = socket.local_addr().map_err(|e| e.to_string())?;
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE | Interest::WRITABLE)
+        .map_err(|e| e.to_string())?;
 
     let mut metrics = match cfg.metrics_addr() {
         Some(addr) => {

@@ -17,9 +17,9 @@ use udpmsg::config::{self, Layered};
 #[derive(Parser, Debug)]
 #[command(name = "udpmsgd", version, about = "udpmsg daemon: messaging over UDP", after_help = AFTER_HELP)]
 struct Args {
-    /// Configuration file. Without this flag `server.toml` in the working directory is used if
-    /// it exists, and the built-in defaults otherwise.
-    #[arg(long, value_name = "PATH", global = true)]
+    /// Configuration file (or UDPMSG_CONFIG). Without either, `server.toml` in the working
+    /// directory is used if it exists, and the built-in defaults otherwise.
+    #[arg(long, value_name = "PATH", global = true, env = "UDPMSG_CONFIG")]
     config: Option<PathBuf>,
     /// Address to listen on (overrides `listen`), e.g. 127.0.0.1:7070 or [::]:7070; port 0
     /// picks a free port.
@@ -82,6 +82,9 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&layered.config.log_level);
+    for var in &layered.ignored_env {
+        log::warn!("ignoring environment variable {var}: udpmsgd has no such setting");
+    }
     match &args.command {
         Some(Cmd::Config { action: ConfigCmd::Print }) => {
             print!("{}", layered.render());
