@@ -89,8 +89,10 @@ pub struct ServerConfig {
     /// Threads that hash and verify passwords off the event loop, and their bounded queue.
     pub password_workers: u32,
     pub password_queue: u32,
-    /// Failed logins allowed in a burst per account name and per source address, and the
-    /// seconds after which one more attempt is allowed. A throttled login costs no hash.
+    /// Login attempts allowed in a burst per account name and per source address, and the
+    /// seconds after which one more is allowed. An attempt holds a token while it is checked and
+    /// gives it back on success, so failures (and attempts in progress) count. A throttled login
+    /// costs no hash.
     pub login_failures_per_user_burst: u32,
     pub login_failures_per_user_refill_secs: u64,
     pub login_failures_per_address_burst: u32,

@@ -5,11 +5,14 @@
 //! One message per UDP datagram. Every datagram starts with a three byte header:
 //!
 //! ```text
-//! +------+------+---------+------------------------------+
-//! | 'U'  | 'M'  | version | postcard body (ClientMsg or  |
-//! |      |      |  (= 1)  | ServerMsg), no trailing data |
-//! +------+------+---------+------------------------------+
+//! +------+------+---------+------------------------------------------+
+//! | 'U'  | 'M'  | version | postcard body: ClientMsg (client->daemon) |
+//! | 'U'  | 'm'  | version | postcard body: ServerMsg (daemon->client) |
+//! +------+------+---------+------------------------------------------+
 //! ```
+//!
+//! The two directions have different magic, so no answer can ever be taken for a request. A
+//! body is one value in its canonical encoding, with no trailing data.
 //!
 //! A datagram whose header carries another version is answered by the daemon with a bare header
 //! carrying the daemon's version ([`version_notice`]): three bytes, never more than what it
@@ -25,8 +28,12 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// The first two bytes of every datagram.
-pub const MAGIC: [u8; 2] = *b"UM";
+/// The first two bytes of every datagram from a client.
+pub const CLIENT_MAGIC: [u8; 2] = *b"UM";
+/// The first two bytes of every datagram from the daemon. Distinct from [`CLIENT_MAGIC`], so
+/// that no answer can ever be read as a request: a spoofed datagram cannot set two daemons (or
+/// one daemon and itself) answering each other forever.
+pub const SERVER_MAGIC: [u8; 2] = *b"Um";
 /// The protocol version this build speaks.
 pub const VERSION: u8 = 1;
 /// Length of the magic + version header.
@@ -445,11 +452,11 @@ impl fmt::Display for DecodeError {
     }
 }
 
-fn check_header(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+fn check_header(bytes: &[u8], magic: [u8; 2]) -> Result<&[u8], DecodeError> {
     if bytes.len() < HEADER_LEN || bytes.len() > MAX_DATAGRAM {
         return Err(DecodeError::BadLength);
     }
-    if bytes[..2] != MAGIC {
+    if bytes[..2] != magic {
         return Err(DecodeError::BadMagic);
     }
     if bytes[2] != VERSION {
@@ -458,17 +465,25 @@ fn check_header(bytes: &[u8]) -> Result<&[u8], DecodeError> {
     Ok(&bytes[HEADER_LEN..])
 }
 
-fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
-    match postcard::take_from_bytes::<T>(body) {
-        Ok((value, [])) => Ok(value),
+/// Decodes a body that is exactly one value in its canonical encoding: no trailing bytes, no
+/// over-long varints. So `encode(decode(x)) == x` for every accepted `x`, and a datagram has
+/// one meaning only.
+fn decode_body<'a, T: Deserialize<'a> + Serialize>(body: &'a [u8]) -> Result<T, DecodeError> {
+    let value = match postcard::take_from_bytes::<T>(body) {
+        Ok((value, [])) => value,
+        _ => return Err(DecodeError::Body),
+    };
+    let mut canonical = [0u8; MAX_DATAGRAM];
+    match postcard::to_slice(&value, &mut canonical) {
+        Ok(encoded) if *encoded == *body => Ok(value),
         _ => Err(DecodeError::Body),
     }
 }
 
 /// Appends header + body to `out` (cleared first).
-fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
+fn encode_into<T: Serialize>(value: &T, magic: [u8; 2], out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&magic);
     out.push(VERSION);
     // Serializing our own wire types into a Vec cannot fail: they contain no maps with
     // non-string keys and no unsupported types.
@@ -478,27 +493,27 @@ fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) {
 
 pub fn encode_client(msg: &ClientMsg) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
-    encode_into(msg, &mut out);
+    encode_into(msg, CLIENT_MAGIC, &mut out);
     out
 }
 
 pub fn encode_server(msg: &ServerMsg) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
-    encode_into(msg, &mut out);
+    encode_into(msg, SERVER_MAGIC, &mut out);
     out
 }
 
 pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
-    decode_body(check_header(bytes)?)
+    decode_body(check_header(bytes, CLIENT_MAGIC)?)
 }
 
 pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
-    decode_body(check_header(bytes)?)
+    decode_body(check_header(bytes, SERVER_MAGIC)?)
 }
 
 /// The answer to a datagram of another protocol version: just our header.
 pub fn version_notice() -> Vec<u8> {
-    let mut v = MAGIC.to_vec();
+    let mut v = SERVER_MAGIC.to_vec();
     v.push(VERSION);
     v
 }
@@ -527,7 +542,7 @@ impl EncodedMessage {
 /// Produces exactly the bytes `encode_server` would (a unit test holds it to that).
 pub fn encode_push(session: u64, epoch: u32, seq: u64, msg: &EncodedMessage, out: &mut Vec<u8>) {
     out.clear();
-    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&SERVER_MAGIC);
     out.push(VERSION);
     out.push(SERVER_MSG_PUSH_TAG);
     push_varint(session, out);
@@ -648,7 +663,13 @@ mod tests {
         let mut ok = encode_client(&ClientMsg::PushAck { token: Token([0; 16]), seq: 1 });
         ok.push(0);
         assert_eq!(decode_client(&ok), Err(DecodeError::Body));
-        assert_eq!(version_notice(), b"UM\x01");
+        assert_eq!(version_notice(), b"Um\x01");
+        // Over-long varints (a non-canonical id 0) are not accepted.
+        assert_eq!(decode_client(b"UM\x01\x00\x80\x00\x00\x09"), Err(DecodeError::Body));
+        // No answer is ever a request: a Pong is not a Ping, whatever the bytes after the magic.
+        let pong = encode_server(&ServerMsg::Reply { id: 42, result: Ok(Response::Pong) });
+        assert_eq!(decode_client(&pong), Err(DecodeError::BadMagic));
+        assert_eq!(decode_client(&version_notice()), Err(DecodeError::BadMagic));
     }
 
     #[test]

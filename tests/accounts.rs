@@ -215,7 +215,7 @@ fn version_mismatch_as_the_user_sees_it() {
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
         while let Ok((_, from)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(b"UM\x09", from);
+            let _ = sock.send_to(b"Um\x09", from);
         }
     });
     let out = run_client(addr, &["ping", "whoami"], "");

@@ -674,11 +674,11 @@ fn daemon_answers_another_version_with_its_bare_header() {
                 break;
             }
         }
-        assert_eq!(answer.as_deref(), Some(&b"UM\x01"[..]), "answer to {datagram:?}");
+        assert_eq!(answer.as_deref(), Some(&b"Um\x01"[..]), "answer to {datagram:?}");
     }
 }
 
-/// A fake server on 127.0.0.1 that answers every datagram with `UM\x07`; returns its address,
+/// A fake server on 127.0.0.1 that answers every datagram with `Um\x07`; returns its address,
 /// its stop flag and the thread (which returns how many datagrams it got).
 fn fake_v7_server() -> (SocketAddr, Arc<AtomicBool>, thread::JoinHandle<usize>) {
     let fake = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -693,7 +693,7 @@ fn fake_v7_server() -> (SocketAddr, Arc<AtomicBool>, thread::JoinHandle<usize>) 
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((_, from)) = fake.recv_from(&mut buf) {
                     seen += 1;
-                    let _ = fake.send_to(b"UM\x07", from);
+                    let _ = fake.send_to(b"Um\x07", from);
                 }
             }
             seen

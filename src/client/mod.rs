@@ -100,19 +100,46 @@ pub enum State {
 /// A command in progress (multi-page commands accumulate here).
 #[derive(Debug)]
 enum Op {
-    Register { user: String },
-    Login { user: String },
+    Register {
+        user: String,
+    },
+    Login {
+        user: String,
+    },
     Logout,
-    Subscribe { user: String },
-    Unsubscribe { user: String },
+    Subscribe {
+        user: String,
+    },
+    Unsubscribe {
+        user: String,
+    },
     Post,
-    Send { to: String },
-    Retrieve { count: u32, got: Vec<Message> },
-    Users { pattern: String, got: Vec<String> },
+    Send {
+        to: String,
+    },
+    Retrieve {
+        count: u32,
+        got: Vec<Message>,
+    },
+    Users {
+        pattern: String,
+        got: Vec<String>,
+    },
     WhoAmI,
-    Subscriptions { got: Vec<Relation> },
+    Subscriptions {
+        got: Vec<Relation>,
+    },
     Delete,
-    Ping { user_asked: bool },
+    Ping {
+        user_asked: bool,
+    },
+    /// The ping that follows a successful login: the daemon pushes only to an address the
+    /// token has come back from. The user hears "logged in" when it is answered.
+    ConfirmLogin {
+        user: String,
+        missed: u32,
+        catching_up: u32,
+    },
 }
 
 impl Op {
@@ -131,6 +158,7 @@ impl Op {
             Op::Subscriptions { .. } => "subscriptions",
             Op::Delete => "delete",
             Op::Ping { .. } => "ping",
+            Op::ConfirmLogin { .. } => "login",
         }
     }
 }
@@ -169,6 +197,8 @@ pub struct Client {
     out: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     pushes: PushReceiver,
+    /// Pushes that arrived while the login was being confirmed: shown right after "logged in".
+    early_pushes: Vec<Message>,
     /// Last time we sent anything; a keepalive goes out after `ping_interval` of silence.
     last_sent: Instant,
 }
@@ -188,6 +218,7 @@ impl Client {
             out: VecDeque::new(),
             events: VecDeque::new(),
             pushes: PushReceiver::default(),
+            early_pushes: Vec::new(),
             last_sent: now,
         }
     }
@@ -215,6 +246,10 @@ impl Client {
     }
 
     fn set_state(&mut self, next: State) {
+        if next == State::Ready {
+            // Whatever ended the login's confirmation has been reported: now the pushes.
+            self.release_early_pushes();
+        }
         if self.state != next {
             debug!("client state={:?}=>{:?}", self.state, next);
             self.state = next;
@@ -330,6 +365,7 @@ impl Client {
             PushOutcome::Stale => return, // from a previous run of the daemon: nobody to ack
             PushOutcome::Buffered | PushOutcome::Duplicate => {}
             PushOutcome::Full => return, // no ack: the server will retransmit
+            PushOutcome::Ready(msgs) if self.confirming_login() => self.early_pushes.extend(msgs),
             PushOutcome::Ready(msgs) => self.events.extend(msgs.into_iter().map(Event::Push)),
         }
         // Ack every push we keep, duplicates too: the first ack may have been lost.
@@ -370,8 +406,7 @@ impl Client {
                 self.pushes.reset();
                 // The daemon pushes only to an address the token has come back from: confirm
                 // ours at once (a request, so it is retransmitted until answered).
-                self.events.push_back(Event::Done(Done::LoggedIn { user, missed, catching_up }));
-                self.start(now, Op::Ping { user_asked: false }, RequestBody::Ping, now);
+                self.start(now, Op::ConfirmLogin { user, missed, catching_up }, RequestBody::Ping, p.started);
                 return;
             }
             (Op::Logout, Response::LoggedOut) => {
@@ -424,6 +459,9 @@ impl Client {
             (Op::Delete, Response::Deleted) => {
                 self.session = None;
                 Done::Deleted
+            }
+            (Op::ConfirmLogin { user, missed, catching_up }, Response::Pong) => {
+                Done::LoggedIn { user, missed, catching_up }
             }
             (Op::Ping { user_asked }, Response::Pong) => {
                 if !user_asked {
@@ -482,6 +520,16 @@ impl Client {
 
     fn ping_interval(&self) -> Duration {
         Duration::from_secs(self.cfg.ping_interval_secs)
+    }
+
+    fn confirming_login(&self) -> bool {
+        matches!(self.pending, Some(Pending { op: Op::ConfirmLogin { .. }, .. }))
+    }
+
+    /// Shows the pushes held back while the login was confirmed.
+    fn release_early_pushes(&mut self) {
+        let held = std::mem::take(&mut self.early_pushes);
+        self.events.extend(held.into_iter().map(Event::Push));
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {

@@ -58,7 +58,14 @@ pub struct Posters {
 }
 
 impl Posters {
-    pub fn new(t0: Instant, n_clients: usize, posters: Vec<usize>, target: u64, stop_at: Instant, text_len: usize) -> Self {
+    pub fn new(
+        t0: Instant,
+        n_clients: usize,
+        posters: Vec<usize>,
+        target: u64,
+        stop_at: Instant,
+        text_len: usize,
+    ) -> Self {
         let mut is_poster = vec![false; n_clients];
         for &p in &posters {
             is_poster[p] = true;
@@ -422,7 +429,13 @@ pub struct Idle {
 
 impl Idle {
     /// `sessions` are spread evenly over the first `interval`.
-    pub fn new(n_clients: usize, sessions: &[usize], interval: Duration, start: Instant, stop_at: Instant) -> Self {
+    pub fn new(
+        n_clients: usize,
+        sessions: &[usize],
+        interval: Duration,
+        start: Instant,
+        stop_at: Instant,
+    ) -> Self {
         let n = sessions.len().max(1) as u32;
         let queue = sessions.iter().enumerate().map(|(k, &i)| (start + interval * k as u32 / n, i)).collect();
         Idle {

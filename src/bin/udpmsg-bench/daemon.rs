@@ -60,6 +60,8 @@ fn optional_keys() -> Vec<(String, String)> {
         ("login_failures_per_address_refill_secs", "0"),
         ("login_failures_per_user_burst", "10000"),
         ("login_failures_per_user_refill_secs", "0"),
+        ("registrations_per_address_burst", "10000000"),
+        ("registrations_per_address_refill_secs", "0"),
         ("session_requests_per_sec", "1000000"),
     ]
     .iter()
@@ -136,7 +138,7 @@ impl Daemon {
             match Self::try_start(spec, &text) {
                 Ok(d) => return Ok(d),
                 Err((_, Some(unknown))) if optional.iter().any(|(k, _)| *k == unknown) => {
-                    log(&format!("this udpmsgd has no setting `{unknown}`; starting it without"));
+                    log(&format!("this udpmsgd refuses the setting `{unknown}`; starting it without"));
                     optional.retain(|(k, _)| *k != unknown);
                     refused.lock().expect("not poisoned").push(unknown);
                 }
@@ -293,9 +295,10 @@ impl Drop for Daemon {
     }
 }
 
-/// The field a config error names as unknown, e.g. "unknown field `session_requests_per_sec`".
+/// The key a config error is about: "unknown field `x`" (an older daemon) or
+/// "invalid value 0 for `x`" (a daemon with another range).
 fn unknown_field(text: &str) -> Option<String> {
-    let at = text.find("unknown field `")? + "unknown field `".len();
+    let at = ["unknown field `", "for `"].iter().find_map(|p| Some(text.find(p)? + p.len()))?;
     let rest = &text[at..];
     Some(rest[..rest.find('`')?].to_string())
 }
@@ -342,14 +345,17 @@ pub fn cpu_secs(pid: u32) -> Option<f64> {
     Some((utime + stime) as f64 / 100.0)
 }
 
-/// Busy and steal CPU seconds of the whole machine, from /proc/stat.
-fn machine_cpu() -> Option<(f64, f64)> {
+/// Task (user + system), interrupt (irq + softirq: the network stack's receive path runs
+/// there) and steal CPU seconds of the whole machine, from /proc/stat.
+fn machine_cpu() -> Option<(f64, f64, f64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let f: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let f: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
     // user nice system idle iowait irq softirq steal (guest time is already in user)
-    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)?;
+    let tasks = f.first()? + f.get(1)? + f.get(2)?;
+    let irq = f.get(5)? + f.get(6)?;
     let steal = *f.get(7)?;
-    Some((busy as f64 / 100.0, steal as f64 / 100.0))
+    Some((tasks as f64 / 100.0, irq as f64 / 100.0, steal as f64 / 100.0))
 }
 
 /// CPU used over a phase, in cores (CPU seconds per second): by the bench, by the daemon, and
@@ -358,15 +364,17 @@ pub struct CpuMeter {
     start: std::time::Instant,
     bench: Option<f64>,
     daemon: Option<(u32, f64)>,
-    machine: Option<(f64, f64)>,
+    machine: Option<(f64, f64, f64)>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct CpuUse {
     pub bench_cores: Option<f64>,
     pub daemon_cores: Option<f64>,
-    /// Busy CPU of everything else (other processes, interrupts), in cores.
+    /// CPU of every other process, in cores: should be about 0 for a fair figure.
     pub other_cores: Option<f64>,
+    /// Interrupt and softirq time (mostly the loopback's packet delivery), in cores.
+    pub irq_cores: Option<f64>,
     /// Time the hypervisor ran something else while we wanted the CPU.
     pub steal_cores: Option<f64>,
 }
@@ -385,12 +393,18 @@ impl CpuMeter {
         let wall = self.start.elapsed().as_secs_f64().max(1e-9);
         let bench = self.bench.and_then(|b| Some((cpu_secs(std::process::id())? - b) / wall));
         let daemon = self.daemon.and_then(|(p, d)| Some((cpu_secs(p)? - d) / wall));
-        let m = self.machine.and_then(|(b0, s0)| {
-            let (b1, s1) = machine_cpu()?;
-            Some(((b1 - b0) / wall, (s1 - s0) / wall))
+        let m = self.machine.and_then(|(t0, i0, s0)| {
+            let (t1, i1, s1) = machine_cpu()?;
+            Some(((t1 - t0) / wall, (i1 - i0) / wall, (s1 - s0) / wall))
         });
-        let other = m.map(|(busy, _)| (busy - bench.unwrap_or(0.0) - daemon.unwrap_or(0.0)).max(0.0));
-        CpuUse { bench_cores: bench, daemon_cores: daemon, other_cores: other, steal_cores: m.map(|(_, s)| s) }
+        let other = m.map(|(tasks, _, _)| (tasks - bench.unwrap_or(0.0) - daemon.unwrap_or(0.0)).max(0.0));
+        CpuUse {
+            bench_cores: bench,
+            daemon_cores: daemon,
+            other_cores: other,
+            irq_cores: m.map(|(_, i, _)| i),
+            steal_cores: m.map(|(_, _, s)| s),
+        }
     }
 }
 
@@ -443,8 +457,12 @@ mod tests {
         assert_eq!(m["mean_batch"], "4.5");
         assert_eq!(m["sessions"], "3");
         assert_eq!(
-            unknown_field("x.toml: unknown field `session_requests_per_sec`, expected"),
+            unknown_field("x.toml: unknown field `session_requests_per_sec`, expected `a`"),
             Some("session_requests_per_sec".into())
+        );
+        assert_eq!(
+            unknown_field("x.toml: invalid value 0 for `y_secs`: allowed range is 1..=5"),
+            Some("y_secs".into())
         );
     }
 }

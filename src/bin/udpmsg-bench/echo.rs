@@ -117,7 +117,13 @@ pub struct EchoResult {
 /// `in_flight` sockets, each with one datagram of `size` bytes outstanding, until `count`
 /// round trips or `limit` elapsed. A datagram not echoed within 200 ms counts as lost and is
 /// sent again.
-pub fn measure(server: SocketAddr, in_flight: usize, size: usize, count: u64, limit: Duration) -> Result<EchoResult, String> {
+pub fn measure(
+    server: SocketAddr,
+    in_flight: usize,
+    size: usize,
+    count: u64,
+    limit: Duration,
+) -> Result<EchoResult, String> {
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut socks = Vec::new();
     for i in 0..in_flight {
@@ -149,6 +155,9 @@ pub fn measure(server: SocketAddr, in_flight: usize, size: usize, count: u64, li
     let mut buf = vec![0u8; 2048];
     let timeout = Duration::from_millis(200);
     while echoed + lost < submitted {
+        if crate::interrupted() {
+            return Err("interrupted".into());
+        }
         let now = Instant::now();
         if now >= stop_at + Duration::from_secs(1) {
             break;

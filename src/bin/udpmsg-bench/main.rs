@@ -125,6 +125,14 @@ struct Args {
     /// Bytes of post text (and of the echo payload).
     #[arg(long, value_name = "N", default_value_t = 64)]
     text_bytes: usize,
+    /// Shell command run when each measured phase starts (after the set-up), e.g.
+    /// `callgrind_control --zero PID` to profile the daemon under load only. It sees
+    /// UDPMSG_BENCH_SERVER (the daemon's address) and UDPMSG_BENCH_DAEMON_PID (when known).
+    #[arg(long, value_name = "CMD")]
+    hook_start: Option<String>,
+    /// Shell command run when each measured phase ends, e.g. `callgrind_control --dump PID`.
+    #[arg(long, value_name = "CMD")]
+    hook_end: Option<String>,
     /// Clients set up (register, log in) at once.
     #[arg(long, value_name = "N", default_value_t = 128)]
     setup_window: usize,
@@ -190,8 +198,20 @@ struct Report {
     workloads: Vec<WorkloadResult>,
 }
 
+/// Set by SIGINT/SIGTERM: the loops stop, and the daemons started are stopped on the way out.
+static INTERRUPTED: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+    std::sync::OnceLock::new();
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.get().is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    let flag = INTERRUPTED.get_or_init(Default::default);
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
     if let Some(Sub::EchoServer) = args.cmd {
         return match echo::serve() {
             Ok(()) => ExitCode::SUCCESS,
@@ -268,11 +288,18 @@ fn run(args: &Args) -> Result<bool, String> {
     let salt = u64::from(rand_u16());
     let t0 = Instant::now();
 
-    let ceiling = if args.no_ceiling { Ceiling { sequential: None, concurrent: None, error: None } } else { measure_ceiling(&o, args.quick) };
+    let ceiling = if args.no_ceiling {
+        Ceiling { sequential: None, concurrent: None, error: None }
+    } else {
+        measure_ceiling(&o, args.quick)
+    };
 
     let mut results = Vec::new();
     let ids: &[u32] = if args.ceiling_only { &[] } else { &args.workloads };
     for &id in ids {
+        if interrupted() {
+            return Err("interrupted".into());
+        }
         log(&format!("workload {id} ({}) ...", workloads::name_of(id)));
         let spec = DaemonSpec {
             exe: daemon_exe.clone(),
@@ -317,7 +344,14 @@ fn run(args: &Args) -> Result<bool, String> {
     Ok(ok)
 }
 
-fn run_one(id: u32, args: &Args, spec: &DaemonSpec, o: &Opts, salt: u64, t0: Instant) -> Result<WorkloadResult, String> {
+fn run_one(
+    id: u32,
+    args: &Args,
+    spec: &DaemonSpec,
+    o: &Opts,
+    salt: u64,
+    t0: Instant,
+) -> Result<WorkloadResult, String> {
     let daemon = match args.server {
         Some(_) => None,
         None => Some(Daemon::start(spec)?),
@@ -333,6 +367,7 @@ fn run_one(id: u32, args: &Args, spec: &DaemonSpec, o: &Opts, salt: u64, t0: Ins
         salt,
         opts: o.clone(),
         t0,
+        hooks: (args.hook_start.clone(), args.hook_end.clone()),
     };
     let snmp_before = udp_snmp();
     let result = match id {
@@ -378,10 +413,12 @@ fn measure_ceiling(o: &Opts, quick: bool) -> Ceiling {
     let go = || -> Result<(echo::EchoResult, echo::EchoResult), String> {
         let server = echo::EchoServer::start()?;
         let cpu = daemon::CpuMeter::start(Some(server.pid()));
-        let mut seq = echo::measure(server.addr, 1, o.text_bytes, if quick { 300 } else { 1_000_000 }, limit)?;
+        let mut seq =
+            echo::measure(server.addr, 1, o.text_bytes, if quick { 300 } else { 1_000_000 }, limit)?;
         seq.cpu = cpu.stop();
         let cpu = daemon::CpuMeter::start(Some(server.pid()));
-        let mut conc = echo::measure(server.addr, 32, o.text_bytes, if quick { 3_000 } else { 10_000_000 }, limit)?;
+        let mut conc =
+            echo::measure(server.addr, 32, o.text_bytes, if quick { 3_000 } else { 10_000_000 }, limit)?;
         conc.cpu = cpu.stop();
         Ok((seq, conc))
     };
@@ -430,11 +467,15 @@ fn machine() -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string())
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
         })
         .unwrap_or_else(|| "unknown".into());
-    let kernel =
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
     Machine {
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu,
@@ -446,7 +487,8 @@ fn machine() -> Machine {
 
 /// `YYYY-MM-DDTHH:MM:SSZ` without a date library (civil-from-days, H. Hinnant).
 fn utc_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -498,7 +540,18 @@ fn print_table(rep: &Report) {
     println!();
     println!(
         "{:<28} {:>6} {:>17} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>6}",
-        "workload", "bound", "done/requested", "rate", "p50", "p99", "p99.9", "rate/ceil", "p99/ceil", "commits", "mean_b", "max_b"
+        "workload",
+        "bound",
+        "done/requested",
+        "rate",
+        "p50",
+        "p99",
+        "p99.9",
+        "rate/ceil",
+        "p99/ceil",
+        "commits",
+        "mean_b",
+        "max_b"
     );
     let echo_row = |name: &str, e: &echo::EchoResult| {
         println!(
@@ -562,8 +615,16 @@ fn print_table(rep: &Report) {
         let d = &r.details;
         let lat = |k: &str| -> String {
             d.get(k)
-                .and_then(|v| Some((v.get("p50_us")?.as_f64()?, v.get("p99_us")?.as_f64()?, v.get("p999_us")?.as_f64()?)))
-                .map_or("-".into(), |(a, b, c)| format!("p50 {} p99 {} p99.9 {}", fmt_us(a), fmt_us(b), fmt_us(c)))
+                .and_then(|v| {
+                    Some((
+                        v.get("p50_us")?.as_f64()?,
+                        v.get("p99_us")?.as_f64()?,
+                        v.get("p999_us")?.as_f64()?,
+                    ))
+                })
+                .map_or("-".into(), |(a, b, c)| {
+                    format!("p50 {} p99 {} p99.9 {}", fmt_us(a), fmt_us(b), fmt_us(c))
+                })
         };
         let num = |k: &str| d.get(k).map_or("-".into(), |v| v.to_string());
         match r.id {
@@ -616,14 +677,20 @@ fn print_table(rep: &Report) {
         }
         if let Some(ds) = &r.daemon {
             if ds.warnings + ds.errors > 0 {
-                println!("   daemon logged {} warning(s), {} error(s), e.g. {:?}", ds.warnings, ds.errors, ds.sample_warnings.first());
+                println!(
+                    "   daemon logged {} warning(s), {} error(s), e.g. {:?}",
+                    ds.warnings,
+                    ds.errors,
+                    ds.sample_warnings.first()
+                );
             }
         }
         let cores = |k: &str| d.get(k).and_then(|v| v.as_f64()).map_or("?".into(), |v| format!("{v:.2}"));
         println!(
-            "   CPU during the measured phase: bench {} cores, daemon {} cores, everything else {} cores, steal {} (of {})",
+            "   CPU during the measured phase: bench {} cores, daemon {}, softirq {}, other processes {}, steal {} (of {})",
             cores("cpu_bench_cores"),
             cores("cpu_daemon_cores"),
+            cores("cpu_irq_cores"),
             cores("cpu_other_cores"),
             cores("cpu_steal_cores"),
             rep.machine.nproc
@@ -649,7 +716,10 @@ fn print_table(rep: &Report) {
             }
         }
         if r.net.send_drops + r.net.unroutable > 0 {
-            println!("   bench side: {} send drops, {} unroutable datagrams", r.net.send_drops, r.net.unroutable);
+            println!(
+                "   bench side: {} send drops, {} unroutable datagrams",
+                r.net.send_drops, r.net.unroutable
+            );
         }
     }
 }

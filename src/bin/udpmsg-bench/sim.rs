@@ -92,9 +92,7 @@ fn set_recv_buffer(sock: &UdpSocket, bytes: i32) {
     const SOL_SOCKET: i32 = 1;
     const SO_RCVBUF: i32 = 8;
     // SAFETY: a valid descriptor owned by `sock`, a pointer to a live i32 and its size.
-    let _ = unsafe {
-        setsockopt(sock.as_raw_fd(), SOL_SOCKET, SO_RCVBUF, (&bytes as *const i32).cast(), 4)
-    };
+    let _ = unsafe { setsockopt(sock.as_raw_fd(), SOL_SOCKET, SO_RCVBUF, (&bytes as *const i32).cast(), 4) };
 }
 
 #[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
@@ -209,8 +207,8 @@ impl Sim {
         if let Some(o) = self.socks[s].owner {
             return Some(o);
         }
-        // "UM", version, then postcard: variant 0 (Reply) and the request id as a varint.
-        if bytes.len() < 5 || bytes[..2] != udpmsg::proto::MAGIC || bytes[3] != 0 {
+        // "Um", version, then postcard: variant 0 (Reply) and the request id as a varint.
+        if bytes.len() < 5 || bytes[..2] != udpmsg::proto::SERVER_MAGIC || bytes[3] != 0 {
             return None;
         }
         let mut id = 0u64;
@@ -239,6 +237,9 @@ impl Sim {
         let mut now = Instant::now();
         b.tick(self, now);
         loop {
+            if crate::interrupted() {
+                return Err(io::Error::other("interrupted"));
+            }
             if b.done() {
                 return Ok(true);
             }

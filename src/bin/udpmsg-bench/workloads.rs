@@ -47,9 +47,27 @@ pub struct Ctx {
     pub opts: Opts,
     /// The bench's clock origin for timestamps in post texts.
     pub t0: Instant,
+    /// Shell commands run when a measured phase starts and when it ends (e.g. to zero and dump
+    /// a profiler's counters).
+    pub hooks: (Option<String>, Option<String>),
 }
 
 impl Ctx {
+    fn hook(&self, cmd: &Option<String>) {
+        if let Some(cmd) = cmd {
+            let mut c = std::process::Command::new("sh");
+            c.arg("-c").arg(cmd).env("UDPMSG_BENCH_SERVER", self.server.to_string());
+            if let Some(pid) = self.daemon_pid {
+                c.env("UDPMSG_BENCH_DAEMON_PID", pid.to_string());
+            }
+            match c.status() {
+                Ok(s) if s.success() => {}
+                Ok(s) => log(&format!("hook `{cmd}` exited with {s}")),
+                Err(e) => log(&format!("hook `{cmd}`: {e}")),
+            }
+        }
+    }
+
     fn name(&self, role: &str, i: usize) -> String {
         format!("b{:04x}-{role}{i}", self.salt & 0xffff)
     }
@@ -130,11 +148,21 @@ pub fn name_of(id: u32) -> &'static str {
 }
 
 /// Runs a set-up script to completion (bounded by `limit`); any failure is an error.
-fn setup(sim: &mut Sim, what: &str, work: Vec<(usize, Vec<Command>)>, window: usize, limit: Duration) -> Result<Script, String> {
+fn setup(
+    sim: &mut Sim,
+    what: &str,
+    work: Vec<(usize, Vec<Command>)>,
+    window: usize,
+    limit: Duration,
+) -> Result<Script, String> {
     let mut script = Script::new(sim.clients.len(), work, window);
     let finished = sim.run(&mut script, Instant::now() + limit).map_err(|e| format!("{what}: {e}"))?;
     if !script.failures.is_empty() {
-        return Err(format!("{what}: {} command(s) failed, e.g. {}", script.failed, script.failures.join("; ")));
+        return Err(format!(
+            "{what}: {} command(s) failed, e.g. {}",
+            script.failed,
+            script.failures.join("; ")
+        ));
     }
     if !finished {
         return Err(format!("{what}: {} client(s) unfinished after {limit:?}", script.unfinished()));
@@ -151,7 +179,13 @@ fn login(user: &str) -> Command {
 }
 
 fn base(id: u32, sim: &Sim, setup_seconds: f64) -> WorkloadResult {
-    WorkloadResult { setup_seconds, net: sim.net.clone(), ok: true, error: None, ..WorkloadResult::failed(id, String::new()) }
+    WorkloadResult {
+        setup_seconds,
+        net: sim.net.clone(),
+        ok: true,
+        error: None,
+        ..WorkloadResult::failed(id, String::new())
+    }
 }
 
 /// CPU used during the measured phase, in cores (2.0 = both cores of a 2-core machine busy).
@@ -159,6 +193,7 @@ fn cpu_details(r: &mut WorkloadResult, cpu: CpuUse) {
     r.details.insert("cpu_bench_cores".into(), json!(cpu.bench_cores));
     r.details.insert("cpu_daemon_cores".into(), json!(cpu.daemon_cores));
     r.details.insert("cpu_other_cores".into(), json!(cpu.other_cores));
+    r.details.insert("cpu_irq_cores".into(), json!(cpu.irq_cores));
     r.details.insert("cpu_steal_cores".into(), json!(cpu.steal_cores));
 }
 
@@ -181,11 +216,13 @@ pub fn posting(ctx: &Ctx, id: u32, n: usize, target: u64) -> Result<WorkloadResu
         .collect();
     setup(&mut sim, "register and log in", work, ctx.opts.setup_window, Duration::from_secs(120))?;
     let setup_seconds = t.elapsed().as_secs_f64();
+    ctx.hook(&ctx.hooks.0);
     let stop_at = Instant::now() + ctx.opts.duration;
     let mut p = Posters::new(ctx.t0, sim.clients.len(), clients, target, stop_at, ctx.opts.text_bytes);
     let cpu = CpuMeter::start(ctx.daemon_pid);
     sim.run(&mut p, stop_at + ctx.opts.drain).map_err(|e| e.to_string())?;
     let cpu = cpu.stop();
+    ctx.hook(&ctx.hooks.1);
     let seconds = (p.last_ack - p.start).as_secs_f64().max(1e-9);
     let mut r = base(id, &sim, setup_seconds);
     r.bound = if p.time_bound() { "time" } else { "count" };
@@ -252,17 +289,27 @@ pub fn fanout(ctx: &Ctx, id: u32, with_storm: bool) -> Result<WorkloadResult, St
     setup(&mut sim, "log in and subscribe", work, o.setup_window, Duration::from_secs(300))?;
     let setup_seconds = t.elapsed().as_secs_f64();
 
+    ctx.hook(&ctx.hooks.0);
     let stop_at = Instant::now() + o.duration;
     let n = sim.clients.len();
     let p = Posters::new(ctx.t0, n, posters.clone(), o.fanout_posts, stop_at, o.text_bytes);
     let s = Subscribers::new(ctx.t0, n, &subs);
     let storm = with_storm.then(|| {
-        Storm::new(n, pool.clone(), storm_users.clone(), PASSWORD.into(), o.storm_rate, o.storm_logins, stop_at)
+        Storm::new(
+            n,
+            pool.clone(),
+            storm_users.clone(),
+            PASSWORD.into(),
+            o.storm_rate,
+            o.storm_logins,
+            stop_at,
+        )
     });
     let mut f = Fanout::new(p, s, storm);
     let cpu = CpuMeter::start(ctx.daemon_pid);
     let finished = sim.run(&mut f, stop_at + o.drain).map_err(|e| e.to_string())?;
     let cpu = cpu.stop();
+    ctx.hook(&ctx.hooks.1);
     let end = f.subs.last_push.unwrap_or(f.posters.last_ack);
     let seconds = (end - f.posters.start).as_secs_f64().max(1e-9);
     let expected = f.expected_pushes();
@@ -347,12 +394,14 @@ pub fn idle(ctx: &Ctx, id: u32) -> Result<WorkloadResult, String> {
     log(&format!("workload {id}: {n} sessions logged in in {login_secs:.1} s; holding them"));
 
     let interval = Duration::from_secs_f64(o.ping_interval_secs.max(0.001));
+    ctx.hook(&ctx.hooks.0);
     let start = Instant::now();
     let stop_at = start + Duration::from_secs_f64(o.idle_hold_secs);
     let mut idle = Idle::new(sim.clients.len(), &clients, interval, start, stop_at);
     let cpu = CpuMeter::start(ctx.daemon_pid);
     sim.run(&mut idle, stop_at).map_err(|e| e.to_string())?;
     let cpu = cpu.stop();
+    ctx.hook(&ctx.hooks.1);
     // Let the last pings come back (not counted in the rate).
     let seconds = start.elapsed().as_secs_f64().max(1e-9);
     sim.run(&mut idle, Instant::now() + Duration::from_millis(500)).map_err(|e| e.to_string())?;
