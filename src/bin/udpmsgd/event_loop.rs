@@ -89,7 +89,7 @@ pub fn run(
         info!("signal received while starting, not serving");
         return Ok(());
     }
-    let mut socket = UdpSocket::bind(cfg.listen).map_err(|e| format!("cannot bind {}: {e}", cfg.listen))?;
+    let mut socket = bind(cfg.listen).map_err(|e| format!("cannot bind {}: {e}", cfg.listen))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE | Interest::WRITABLE)
@@ -216,6 +216,33 @@ pub fn run(
     }
     info!("stopped: {}", summary(&core, &outbox));
     Ok(())
+}
+
+/// Kernel buffer asked for on the daemon's socket, each way. The default (~208 KiB) overflows
+/// under fan-out, when the acks of a burst of pushes arrive together: every lost ack costs a
+/// retransmission timeout. The kernel caps it at net.core.rmem_max / wmem_max.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Binds the UDP socket with large kernel buffers, non-blocking, for mio.
+fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    for (what, result) in [
+        ("receive", socket.set_recv_buffer_size(SOCKET_BUFFER)),
+        ("send", socket.set_send_buffer_size(SOCKET_BUFFER)),
+    ] {
+        if let Err(e) = result {
+            warn!("cannot enlarge the socket's {what} buffer: {e}");
+        }
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    debug!(
+        "socket buffers: receive {:?}, send {:?} bytes",
+        socket.recv_buffer_size().ok(),
+        socket.send_buffer_size().ok()
+    );
+    Ok(UdpSocket::from_std(socket.into()))
 }
 
 /// Applies a reloaded configuration: limits, timers, argon2 cost and the log level change now;
