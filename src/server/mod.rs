@@ -349,11 +349,11 @@ impl Server {
         }
         let Some(through) = s.ack(now, seq) else { return };
         self.stats.pushes_acked += 1;
-        let user = s.user.clone();
-        if let Some(acc) = self.users.get_mut(&user) {
+        // The user's name is copied only when delivery advances, not for every ack.
+        if let Some(acc) = self.users.get_mut(&s.user) {
             if through > acc.last_delivered {
                 acc.last_delivered = through;
-                let e = self.delivered.entry(user).or_insert(0);
+                let e = self.delivered.entry(s.user.clone()).or_insert(0);
                 *e = (*e).max(through);
             }
         }
@@ -868,14 +868,21 @@ impl Server {
     fn fanout(&mut self, now: Instant, msg: &Arc<EncodedMessage>, recipients: &[String]) {
         let max_queue = self.cfg.push_queue as usize;
         for user in recipients {
-            let Some(acc) = self.users.get(user) else { continue };
-            for token in acc.sessions.clone() {
+            // Borrowed out for the loop instead of cloned per recipient: pumping never changes
+            // which sessions a user has.
+            let Some(tokens) = self.users.get_mut(user).map(|a| std::mem::take(&mut a.sessions)) else {
+                continue;
+            };
+            for &token in &tokens {
                 if let Some(s) = self.sessions.get_mut(&token) {
                     if s.enqueue(msg.clone(), max_queue) {
                         self.stats.pushes_dropped += 1;
                     }
                     self.pump(now, token);
                 }
+            }
+            if let Some(acc) = self.users.get_mut(user) {
+                acc.sessions = tokens;
             }
         }
     }
