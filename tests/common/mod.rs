@@ -191,27 +191,18 @@ pub struct Output {
 
 /// Runs `udpmsg --server ADDR` with `input` on stdin until it exits.
 pub fn run_client(server: SocketAddr, args: &[&str], input: &str) -> Output {
-    let mut child = Command::new(bin("udpmsg"))
-        .arg("--server")
-        .arg(server.to_string())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn udpmsg");
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let mut out = Lines::new(child.stdout.take().unwrap());
-    let mut err = Lines::new(child.stderr.take().unwrap());
-    let status = wait_timeout(&mut child, Duration::from_secs(120));
-    if status.is_none() {
-        let _ = child.kill();
-    }
+    run_client_wrapped(&[], server, args, input)
+}
+
+/// As [`run_client`], under `wrapper` (e.g. `ip netns exec NS`).
+pub fn run_client_wrapped(wrapper: &[&str], server: SocketAddr, args: &[&str], input: &str) -> Output {
+    let mut c = LiveClient::start_wrapped(wrapper, server, args);
+    c.stdin.as_mut().expect("stdin open").write_all(input.as_bytes()).unwrap();
+    let code = c.finish();
     Output {
-        code: status.and_then(|s| s.code()),
-        stdout: out.rest(Duration::from_secs(5)),
-        stderr: err.rest(Duration::from_secs(5)),
+        code,
+        stdout: c.stdout.rest(Duration::from_secs(5)),
+        stderr: c.stderr.rest(Duration::from_secs(5)),
     }
 }
 

@@ -3,7 +3,7 @@
 //! exactly once to every subscriber, in order per author, and be in their retrieve exactly once;
 //! a refused post must be stored nowhere.
 
-use super::{run_client, LiveClient};
+use super::LiveClient;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashSet};
 use std::io::Write as _;
@@ -54,20 +54,7 @@ pub fn exactly_once(
         posters.iter().chain(subscribers.iter()).map(|u| format!("register#{u}&password")).collect();
     let mut input = setup.join("\n");
     input.push('\n');
-    let out = if wrapper.is_empty() {
-        run_client(direct, &[], &input)
-    } else {
-        let mut c = LiveClient::start_wrapped(wrapper, direct, &["--config", cfg]);
-        for l in &setup {
-            c.send(l);
-        }
-        let code = c.finish();
-        super::Output {
-            code,
-            stdout: c.stdout.rest(Duration::from_secs(1)),
-            stderr: c.stderr.rest(Duration::from_secs(1)),
-        }
-    };
+    let out = super::run_client_wrapped(wrapper, direct, &["--config", cfg], &input);
     assert_eq!(out.code, Some(0), "{out:?}");
 
     let start = |user: &str| {
