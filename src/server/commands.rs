@@ -277,6 +277,11 @@ impl Server {
     /// command deleted it).
     pub(super) fn delete_account(&mut self, user: &str, store_it: bool) {
         let Some(acc) = self.users.remove(user) else { return };
+        for m in &acc.inbox {
+            if m.leave_inbox() {
+                self.write(Write::DropMessage { id: m.message.id });
+            }
+        }
         for t in &acc.sessions {
             self.close_session(*t, false);
         }

@@ -173,8 +173,10 @@ pub struct Server {
     out: VecDeque<Transmit>,
     held: VecDeque<(u64, Held)>,
     writes: Vec<Write>,
-    /// Delivered marks of this batch, coalesced per user.
+    /// Delivered marks not yet written, coalesced per user.
     delivered: HashMap<String, u64>,
+    /// When they go into a batch.
+    delivered_due: Option<Instant>,
     /// Number of the batch being filled; batches are committed in order.
     open_batch: u64,
     /// Highest batch committed (0: none yet).
@@ -189,6 +191,11 @@ pub struct Server {
     login_by_addr: Throttle<IpAddr>,
     register_by_addr: Throttle<IpAddr>,
 }
+
+/// How long a delivered mark may wait before it is written. Writing one per acknowledged push
+/// would cost a row update per subscriber per batch; after a crash, catch-up repeats at most this
+/// much of what was already delivered (it never skips anything).
+pub const DELIVERED_FLUSH: Duration = Duration::from_secs(1);
 
 /// Accounts and addresses whose failed logins are tracked at once.
 const THROTTLE_KEYS: usize = 65_536;
@@ -238,6 +245,7 @@ impl Server {
             held: VecDeque::new(),
             writes: Vec::new(),
             delivered: HashMap::new(),
+            delivered_due: None,
             open_batch: 1,
             committed_batch: 0,
             in_flight_batch: None,
@@ -355,6 +363,7 @@ impl Server {
                 acc.last_delivered = through;
                 let e = self.delivered.entry(s.user.clone()).or_insert(0);
                 *e = (*e).max(through);
+                self.delivered_due.get_or_insert(now + DELIVERED_FLUSH);
             }
         }
         self.pump(now, token);
@@ -497,6 +506,9 @@ impl Server {
     /// Handles timers: push retransmission, session expiry, cache expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.replies.expire(now);
+        if self.delivered_due.is_some_and(|t| t <= now) {
+            self.flush_delivered();
+        }
         while let Some(Reverse((t, token))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -539,9 +551,15 @@ impl Server {
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = self.timers.peek().map(|Reverse((t, _))| *t);
-        match (t, self.replies.next_expiry()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        [t, self.replies.next_expiry(), self.delivered_due].into_iter().flatten().min()
+    }
+
+    /// Moves the pending delivered marks into the next batch (at shutdown, so that a clean stop
+    /// repeats nothing at the next login's catch-up).
+    pub fn flush_delivered(&mut self) {
+        self.delivered_due = None;
+        for (user, up_to) in self.delivered.drain() {
+            self.writes.push(Write::Delivered { user, up_to });
         }
     }
 
@@ -550,9 +568,6 @@ impl Server {
     pub fn take_writes(&mut self) -> Option<(u64, Vec<Write>)> {
         if self.in_flight_batch.is_some() {
             return None;
-        }
-        for (user, up_to) in self.delivered.drain() {
-            self.writes.push(Write::Delivered { user, up_to });
         }
         if self.writes.is_empty() {
             return None;
@@ -608,6 +623,7 @@ impl Server {
         self.stats.commit_failures += 1;
         self.writes.clear();
         self.delivered.clear();
+        self.delivered_due = None;
         let mut refused = 0;
         let mut reruns = Vec::new();
         for (_, h) in std::mem::take(&mut self.held) {
@@ -662,10 +678,30 @@ impl Server {
 
     /// Takes in account changes made by an admin command (`udpmsgd user ...`) while the daemon
     /// runs: new accounts appear, deleted ones go (with their sessions), and a changed password
-    /// revokes every session of that user. `durable` is the store's state, reloaded by the shell.
+    /// revokes every session of that user. `durable` is the store's state, reloaded by the shell
+    /// while no batch was in flight; accounts that writes not yet taken by
+    /// [`Server::take_writes`] create, delete or change are left as they are here (the store
+    /// has not seen those writes yet).
     pub fn sync_accounts(&mut self, now: Instant, durable: Snapshot) {
-        let stored = accounts_from(durable.accounts, durable.subscriptions, now);
-        let gone: Vec<String> = self.users.keys().filter(|u| !stored.contains_key(*u)).cloned().collect();
+        debug_assert!(self.in_flight_batch.is_none(), "the snapshot may miss the batch in flight");
+        let pending: HashSet<String> = self
+            .writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::CreateAccount { user, .. }
+                | Write::DeleteAccount { user }
+                | Write::SetPassword { user, .. } => Some(user.clone()),
+                _ => None,
+            })
+            .collect();
+        let mut stored = accounts_from(durable.accounts, durable.subscriptions, now);
+        stored.retain(|user, _| !pending.contains(user));
+        let gone: Vec<String> = self
+            .users
+            .keys()
+            .filter(|u| !stored.contains_key(*u) && !pending.contains(*u))
+            .cloned()
+            .collect();
         for user in gone {
             if !self.reserved.contains(&user) {
                 info!("account {user} was deleted by an admin");
@@ -707,7 +743,7 @@ impl Server {
 
     /// The batch that output produced now must wait for, if any.
     fn gate(&self) -> Option<u64> {
-        if !self.writes.is_empty() || !self.delivered.is_empty() {
+        if !self.writes.is_empty() {
             Some(self.open_batch)
         } else {
             self.in_flight_batch
@@ -908,13 +944,18 @@ impl Server {
         }
     }
 
-    /// Appends to an inbox, dropping the oldest beyond the cap.
+    /// Appends to an inbox, dropping the oldest beyond the cap (and its stored copy once no
+    /// inbox holds it).
     fn deliver_to_inbox(&mut self, user: &str, msg: &Arc<EncodedMessage>) {
         let cap = self.cfg.max_inbox as usize;
         if let Some(acc) = self.users.get_mut(user) {
+            msg.enter_inbox();
             acc.inbox.push_back(msg.clone());
             while acc.inbox.len() > cap {
-                acc.inbox.pop_front();
+                let old = acc.inbox.pop_front().expect("over the cap");
+                if old.leave_inbox() {
+                    self.writes.push(Write::DropMessage { id: old.message.id });
+                }
             }
         }
     }
@@ -957,6 +998,7 @@ fn accounts_from(
             .collect();
         let mut acc = Account::new(a.password_hash, now);
         acc.inbox = inbox;
+        acc.inbox.iter().for_each(|m| m.enter_inbox());
         acc.last_delivered = a.last_delivered;
         users.insert(a.user, acc);
     }

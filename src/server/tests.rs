@@ -31,6 +31,8 @@ struct H {
     other: Vec<Transmit>,
     /// Commits fail while set (a full disk).
     disk_full: bool,
+    /// Every write committed, in order.
+    committed: Vec<Write>,
 }
 
 fn a(port: u16) -> SocketAddr {
@@ -55,6 +57,7 @@ impl H {
             next_id: 1,
             other: Vec::new(),
             disk_full: false,
+            committed: Vec::new(),
         }
     }
 
@@ -71,6 +74,7 @@ impl H {
             } else {
                 self.store.commit(&writes).unwrap();
                 self.server.on_committed(self.now, n, writes.len());
+                self.committed.extend(writes);
             }
         }
     }
@@ -887,4 +891,113 @@ mod review {
         ));
         assert_eq!(again.len(), 1, "the retransmission gets an answer");
     }
+}
+
+/// What reaches the store, and when.
+mod writes {
+    use super::*;
+
+    fn delivered(h: &H) -> Vec<(String, u64)> {
+        h.committed
+            .iter()
+            .filter_map(|w| match w {
+                Write::Delivered { user, up_to } => Some((user.clone(), *up_to)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn delivered_marks_are_written_once_per_flush_interval_and_at_shutdown() {
+        let mut h = H::new();
+        let alice = h.user("alice", 1);
+        let bob = h.user("bob", 2);
+        h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+        for i in 0..3 {
+            h.req(a(2), Some(bob), RequestBody::Post { text: format!("m{i}") }).unwrap();
+            let p = h.pushes();
+            h.ack(alice, p[0].1);
+        }
+        assert!(delivered(&h).is_empty(), "not one write per ack");
+        assert!(h.server.poll_timeout().is_some_and(|t| t <= h.now + DELIVERED_FLUSH));
+        h.advance(DELIVERED_FLUSH);
+        assert_eq!(delivered(&h), vec![("alice".to_string(), 3)], "coalesced into one");
+
+        h.req(a(2), Some(bob), RequestBody::Post { text: "m3".into() }).unwrap();
+        let p = h.pushes();
+        h.ack(alice, p[0].1);
+        h.server.flush_delivered();
+        h.turn();
+        assert_eq!(delivered(&h).last(), Some(&("alice".to_string(), 4)), "a clean stop writes them");
+        // The durable mark is what the next run's catch-up starts from.
+        h.store.begin_epoch().unwrap();
+        let snap = h.store.load().unwrap();
+        assert_eq!(snap.accounts.iter().find(|a| a.user == "alice").unwrap().last_delivered, 4);
+    }
+
+    #[test]
+    fn a_message_is_dropped_from_storage_when_its_last_inbox_lets_go() {
+        let mut h = H::with(ServerConfig { max_inbox: 2, ..test_config() });
+        let alice = h.user("alice", 1);
+        let carol = h.user("carol", 3);
+        let bob = h.user("bob", 2);
+        h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+        let id = |r| match r {
+            Ok(Response::Posted { id, .. }) | Ok(Response::Sent { id }) => id,
+            other => panic!("{other:?}"),
+        };
+        let shared = id(h.req(a(2), Some(bob), RequestBody::Post { text: "to alice".into() }));
+        let dm = id(h.req(a(2), Some(bob), RequestBody::Send { to: "carol".into(), text: "dm".into() }));
+        h.req(a(3), Some(carol), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+        let both = id(h.req(a(2), Some(bob), RequestBody::Post { text: "to both".into() }));
+        let dropped = |h: &H| -> Vec<u64> {
+            h.committed
+                .iter()
+                .filter_map(|w| match w {
+                    Write::DropMessage { id } => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert!(dropped(&h).is_empty());
+        // Both inboxes (cap 2) overflow: each lets go of a message only it held.
+        let again = id(h.req(a(2), Some(bob), RequestBody::Post { text: "again".into() }));
+        assert_eq!(dropped(&h), vec![shared, dm]);
+        // Carol's account goes; alice still holds everything carol held.
+        h.req(a(3), Some(carol), RequestBody::DeleteAccount { password: "password".into() }).unwrap();
+        assert_eq!(dropped(&h), vec![shared, dm]);
+        assert_eq!(h.server.inbox_ids("alice"), vec![both, again]);
+        // Then alice's: nothing holds them any more.
+        h.req(a(1), Some(alice), RequestBody::DeleteAccount { password: "password".into() }).unwrap();
+        let mut d = dropped(&h);
+        d.sort();
+        assert_eq!(d, vec![shared, dm, both, again]);
+    }
+}
+
+#[test]
+fn an_admin_sync_does_not_undo_account_changes_not_yet_committed() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    // Bob registers and alice deletes herself; both writes are pending when the loop hands in a
+    // snapshot the store read before them.
+    let before = h.store.load().unwrap();
+    let (_, reg) = h
+        .encode(None, RequestBody::Register { user: "bob".into(), password: "password".into(), pad: vec![] });
+    h.server.handle(h.now, a(2), &reg);
+    let (_, del) = h.encode(Some(alice), RequestBody::DeleteAccount { password: "password".into() });
+    h.server.handle(h.now, a(1), &del);
+    while let Some(job) = h.server.poll_password_job() {
+        let (id, outcome) = job.run();
+        h.server.on_password_done(h.now, id, outcome);
+    }
+    h.server.sync_accounts(h.now, before);
+    h.turn();
+    h.drain();
+    assert!(h.login_from(a(2), "bob", "password").is_ok(), "bob was not taken for deleted by an admin");
+    assert_eq!(
+        h.login_from(a(1), "alice", "password"),
+        Err(ErrorCode::BadCredentials),
+        "alice stays deleted"
+    );
 }

@@ -85,6 +85,8 @@ impl MemoryStore {
                     }
                 }
             }
+            // Its inboxes trim themselves.
+            Write::DropMessage { .. } => {}
             Write::Delivered { user, up_to } => {
                 if let Some(acc) = self.accounts.get_mut(user) {
                     acc.last_delivered = acc.last_delivered.max(*up_to);

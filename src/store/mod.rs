@@ -43,6 +43,10 @@ pub enum Write {
         message: Message,
         recipients: Vec<String>,
     },
+    /// A message no inbox holds any more (the last one trimmed it or was deleted).
+    DropMessage {
+        id: u64,
+    },
     /// The reply to the newest request of a session that changed anything, so that its
     /// retransmission after a daemon restart is answered, not executed again.
     LastReply {
@@ -50,7 +54,9 @@ pub enum Write {
         request_id: u64,
         reply: Vec<u8>,
     },
-    /// The newest message id delivered to (acked by) any of the user's sessions.
+    /// The newest message id delivered to (acked by) any of the user's sessions. Written lazily
+    /// (see [`crate::server::DELIVERED_FLUSH`]): after a crash, catch-up may repeat up to that
+    /// much of what was already delivered, never skip anything.
     Delivered {
         user: String,
         up_to: u64,

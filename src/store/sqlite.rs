@@ -6,21 +6,27 @@
 //! - Schema versioned in `PRAGMA user_version` and migrated at open; a database from a newer
 //!   version is refused, naming both versions. A damaged file is refused, naming it, never
 //!   replaced by an empty one.
-//! - Inboxes are capped at `max_inbox` messages per user; the oldest go first.
+//! - A message is one row however many inboxes it lands in: its recipients are a list of account
+//!   ids in the row (ids are never reused, so a name registered again after a deletion inherits
+//!   nothing). Inboxes are rebuilt at load, the newest `max_inbox` per account; the server writes
+//!   [`Write::DropMessage`] when no inbox holds a message any more, and whatever that missed
+//!   (an account deleted by an admin command while the daemon was down) goes at the next start.
 //!
 //! The SQL is plain (no SQLite-only types) so it carries over to PostgreSQL.
 
 use super::{AccountRecord, Snapshot, Store, StoreError, Write};
 use crate::proto::{Message, Token};
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::BTreeSet;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 /// The schema this build writes. Version history:
 /// 1: accounts, subscriptions, messages, inbox, sessions, meta.
 /// 2: sessions remember their last reply (retransmissions across a restart run once).
-pub const SCHEMA_VERSION: i64 = 2;
+/// 3: accounts get ids; a message row lists its recipients' ids; the inbox table goes (a post to
+///    100 subscribers was 100 inbox rows, plus a trim of each inbox per batch).
+pub const SCHEMA_VERSION: i64 = 3;
 
 pub const DB_FILE: &str = "udpmsg.db";
 pub const LOCK_FILE: &str = "udpmsgd.lock";
@@ -72,6 +78,10 @@ pub struct SqliteStore {
     _lock: Option<File>,
     /// `PRAGMA data_version` as last seen: it changes when another connection commits.
     data_version: i64,
+    /// Account ids by name, as of the last load (looked up in the database when missing).
+    ids: HashMap<String, i64>,
+    /// The state read (and cleaned) by `begin_epoch`, handed out by the next `load`.
+    loaded: Option<Snapshot>,
 }
 
 /// Who opens the store.
@@ -120,7 +130,15 @@ impl SqliteStore {
         };
         let path = dir.join(DB_FILE);
         let conn = Connection::open(&path).map_err(|e| err(&path, "cannot open the database", e))?;
-        let mut store = SqliteStore { conn, path, max_inbox, _lock: lock, data_version: 0 };
+        let mut store = SqliteStore {
+            conn,
+            path,
+            max_inbox,
+            _lock: lock,
+            data_version: 0,
+            ids: HashMap::new(),
+            loaded: None,
+        };
         store.setup()?;
         store.data_version = store.read_data_version()?;
         Ok(store)
@@ -199,6 +217,9 @@ impl SqliteStore {
         if version < 2 {
             self.migrate(2, MIGRATE_V2)?;
         }
+        if version < 3 {
+            self.migrate_v3()?;
+        }
         // Later migrations go here, each in its own transaction.
         Ok(())
     }
@@ -214,6 +235,52 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Schema 3: inbox rows become a recipient list in each message row.
+    fn migrate_v3(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let e = |e: rusqlite::Error| err(&path, "cannot migrate to schema version 3", e);
+        let tx = self.conn.transaction().map_err(e)?;
+        tx.execute_batch(
+            "ALTER TABLE accounts ADD COLUMN id INTEGER;
+             UPDATE accounts SET id = rowid;
+             CREATE UNIQUE INDEX accounts_id ON accounts (id);
+             ALTER TABLE messages ADD COLUMN recipients BLOB NOT NULL DEFAULT x'';
+             INSERT INTO meta (key, value) SELECT 'next_account_id', COALESCE(MAX(id), 0) + 1 FROM accounts
+                 WHERE true ON CONFLICT (key) DO UPDATE SET value = excluded.value;",
+        )
+        .map_err(e)?;
+        {
+            let mut rows = tx
+                .prepare(
+                    "SELECT i.message_id, a.id FROM inbox i JOIN accounts a ON a.name = i.user_name \
+                     ORDER BY i.message_id, a.id",
+                )
+                .map_err(e)?;
+            let mut set = tx.prepare("UPDATE messages SET recipients = ?2 WHERE id = ?1").map_err(e)?;
+            let mut rows = rows.query([]).map_err(e)?;
+            let mut current: Option<(i64, Vec<u64>)> = None;
+            loop {
+                let next = match rows.next().map_err(e)? {
+                    Some(r) => Some((r.get::<_, i64>(0).map_err(e)?, r.get::<_, i64>(1).map_err(e)? as u64)),
+                    None => None,
+                };
+                if current.as_ref().is_some_and(|(m, _)| next.is_none_or(|(n, _)| n != *m)) {
+                    let (m, ids) = current.take().expect("checked");
+                    set.execute(params![m, encode_ids(&ids)]).map_err(e)?;
+                }
+                match next {
+                    Some((m, id)) => current.get_or_insert_with(|| (m, Vec::new())).1.push(id),
+                    None => break,
+                }
+            }
+        }
+        tx.execute_batch("DELETE FROM messages WHERE recipients = x''; DROP TABLE inbox;").map_err(e)?;
+        tx.pragma_update(None, "user_version", 3).map_err(e)?;
+        tx.commit().map_err(e)?;
+        log::info!("{}: migrated to schema version 3", path.display());
+        Ok(())
+    }
+
     fn meta(&self, key: &str) -> Result<i64, StoreError> {
         self.conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -222,38 +289,55 @@ impl SqliteStore {
             .map_err(|e| err(&self.path, "cannot read", e))
     }
 
-    fn read_all(&self) -> rusqlite::Result<Snapshot> {
+    /// The committed state, the account ids by name, and the messages no inbox holds.
+    fn read_all(&self) -> rusqlite::Result<(Snapshot, HashMap<String, i64>, Vec<i64>)> {
         let mut snap = Snapshot::default();
-        let mut accounts =
-            self.conn.prepare("SELECT name, password_hash, last_delivered FROM accounts ORDER BY name")?;
-        let rows = accounts.query_map([], |r| {
-            Ok(AccountRecord {
-                user: r.get(0)?,
+        let mut ids = HashMap::new();
+        // Account id -> index in `snap.accounts`.
+        let mut by_id: HashMap<i64, usize> = HashMap::new();
+        let mut accounts = self
+            .conn
+            .prepare("SELECT name, password_hash, last_delivered, id FROM accounts ORDER BY name")?;
+        let mut rows = accounts.query([])?;
+        while let Some(r) = rows.next()? {
+            let user: String = r.get(0)?;
+            let id: i64 = r.get(3)?;
+            by_id.insert(id, snap.accounts.len());
+            ids.insert(user.clone(), id);
+            snap.accounts.push(AccountRecord {
+                user,
                 password_hash: r.get(1)?,
                 last_delivered: r.get::<_, i64>(2)? as u64,
                 inbox: Vec::new(),
-            })
-        })?;
-        for a in rows {
-            snap.accounts.push(a?);
+            });
         }
-        let mut inbox = self.conn.prepare(
-            "SELECT i.user_name, m.id, m.author, m.recipient, m.text FROM inbox i \
-             JOIN messages m ON m.id = i.message_id ORDER BY i.user_name, m.id",
-        )?;
-        let mut rows = inbox.query([])?;
-        let mut idx = 0;
+        // Newest first: each account takes messages until its inbox is full.
+        let mut unreferenced = Vec::new();
+        let mut messages = self
+            .conn
+            .prepare("SELECT id, author, recipient, text, recipients FROM messages ORDER BY id DESC")?;
+        let mut rows = messages.query([])?;
+        let mut max_id = 0;
         while let Some(r) = rows.next()? {
-            let user: String = r.get(0)?;
-            let msg =
-                Message { id: r.get::<_, i64>(1)? as u64, author: r.get(2)?, to: r.get(3)?, text: r.get(4)? };
-            // Both lists are sorted by name: walk them together.
-            while idx < snap.accounts.len() && snap.accounts[idx].user < user {
-                idx += 1;
+            let id: i64 = r.get(0)?;
+            max_id = max_id.max(id);
+            let mut msg: Option<Message> = None;
+            for rid in decode_ids(r.get_ref(4)?.as_blob()?) {
+                let Some(&idx) = by_id.get(&(rid as i64)) else { continue };
+                if snap.accounts[idx].inbox.len() >= self.max_inbox {
+                    continue;
+                }
+                if msg.is_none() {
+                    msg = Some(Message { id: id as u64, author: r.get(1)?, to: r.get(2)?, text: r.get(3)? });
+                }
+                snap.accounts[idx].inbox.push(msg.clone().expect("just set"));
             }
-            if idx < snap.accounts.len() && snap.accounts[idx].user == user {
-                snap.accounts[idx].inbox.push(msg);
+            if msg.is_none() {
+                unreferenced.push(id);
             }
+        }
+        for a in &mut snap.accounts {
+            a.inbox.reverse();
         }
         let mut subs = self.conn.prepare("SELECT follower, followed FROM subscriptions")?;
         for s in subs.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
@@ -278,49 +362,89 @@ impl SqliteStore {
                 }
             }
         }
-        let max_id: i64 =
-            self.conn.query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |r| r.get(0))?;
         snap.next_message_id =
             (max_id as u64 + 1).max(self.meta("next_message_id").unwrap_or(0) as u64).max(1);
         snap.epoch = self.meta("epoch").unwrap_or(0) as u32;
-        Ok(snap)
+        Ok((snap, ids, unreferenced))
     }
 
-    /// Removes messages no inbox refers to any more (run at startup).
-    fn collect_garbage(&self) -> rusqlite::Result<usize> {
-        self.conn.execute("DELETE FROM messages WHERE id NOT IN (SELECT message_id FROM inbox)", [])
+    /// Removes messages no inbox holds any more (run at startup).
+    fn delete_messages(&mut self, ids: &[i64]) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut del = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
+            for id in ids {
+                del.execute([id])?;
+            }
+        }
+        tx.commit()
     }
 }
 
-/// Applies one batch inside `tx`.
-fn apply(max_inbox: usize, tx: &rusqlite::Transaction<'_>, batch: &[Write]) -> rusqlite::Result<()> {
-    let mut touched: BTreeSet<&str> = BTreeSet::new();
+/// A recipient list as stored: the account ids, postcard-encoded (varints).
+fn encode_ids(ids: &[u64]) -> Vec<u8> {
+    postcard::to_stdvec(ids).expect("integers serialize")
+}
+
+/// The ids of a stored recipient list; a damaged list reads as empty (the message is then
+/// collected, not a reason to refuse the whole database).
+fn decode_ids(bytes: &[u8]) -> Vec<u64> {
+    postcard::from_bytes(bytes).unwrap_or_default()
+}
+
+/// A name's account id, from the cache or the database (an account an admin command added).
+fn account_id(
+    tx: &rusqlite::Transaction<'_>,
+    ids: &HashMap<String, i64>,
+    name: &str,
+) -> rusqlite::Result<Option<i64>> {
+    if let Some(id) = ids.get(name) {
+        return Ok(Some(*id));
+    }
+    tx.prepare_cached("SELECT id FROM accounts WHERE name = ?1")?.query_row([name], |r| r.get(0)).optional()
+}
+
+/// Applies one batch inside `tx`; `ids` follows the accounts created and deleted (the caller
+/// reloads it if the batch fails).
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    ids: &mut HashMap<String, i64>,
+    batch: &[Write],
+) -> rusqlite::Result<()> {
+    let mut next_message_id = None;
+    let mut recipient_ids: Vec<u64> = Vec::new();
     for w in batch {
         match w {
             Write::CreateAccount { user, password_hash } => {
                 // A name can be registered again after a deletion; nothing of a previous owner
-                // (rows an earlier race may have left) may carry over.
+                // (rows an earlier race may have left) may carry over, and the new account gets
+                // an id never used before.
                 for sql in [
                     "DELETE FROM subscriptions WHERE follower = ?1 OR followed = ?1",
-                    "DELETE FROM inbox WHERE user_name = ?1",
                     "DELETE FROM sessions WHERE user_name = ?1",
                 ] {
                     tx.prepare_cached(sql)?.execute([user])?;
                 }
+                let id: i64 = tx
+                    .prepare_cached("SELECT value FROM meta WHERE key = 'next_account_id'")?
+                    .query_row([], |r| r.get(0))?;
+                tx.prepare_cached("UPDATE meta SET value = ?1 WHERE key = 'next_account_id'")?
+                    .execute([id + 1])?;
                 tx.prepare_cached(
-                    "INSERT INTO accounts (name, password_hash, last_delivered) VALUES (?1, ?2, 0)",
+                    "INSERT INTO accounts (name, password_hash, last_delivered, id) VALUES (?1, ?2, 0, ?3)",
                 )?
-                .execute(params![user, password_hash])?;
+                .execute(params![user, password_hash, id])?;
+                ids.insert(user.clone(), id);
             }
             Write::DeleteAccount { user } => {
                 for sql in [
                     "DELETE FROM accounts WHERE name = ?1",
                     "DELETE FROM subscriptions WHERE follower = ?1 OR followed = ?1",
-                    "DELETE FROM inbox WHERE user_name = ?1",
                     "DELETE FROM sessions WHERE user_name = ?1",
                 ] {
                     tx.prepare_cached(sql)?.execute([user])?;
                 }
+                ids.remove(user);
             }
             Write::SetPassword { user, password_hash } => {
                 tx.prepare_cached("UPDATE accounts SET password_hash = ?2 WHERE name = ?1")?
@@ -338,26 +462,31 @@ fn apply(max_inbox: usize, tx: &rusqlite::Transaction<'_>, batch: &[Write]) -> r
                     .execute([follower, followed])?;
             }
             Write::StoreMessage { message, recipients } => {
+                next_message_id = Some(message.id + 1);
+                recipient_ids.clear();
+                for r in recipients {
+                    if let Some(id) = account_id(tx, ids, r)? {
+                        recipient_ids.push(id as u64);
+                    }
+                }
+                // A message nobody receives only uses up its id.
+                if recipient_ids.is_empty() {
+                    continue;
+                }
                 tx.prepare_cached(
-                    "INSERT INTO messages (id, author, recipient, text) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO messages (id, author, recipient, text, recipients) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?
                 .execute(params![
                     message.id as i64,
                     message.author,
                     message.to,
-                    message.text
+                    message.text,
+                    encode_ids(&recipient_ids)
                 ])?;
-                let mut ins =
-                    tx.prepare_cached("INSERT INTO inbox (user_name, message_id) VALUES (?1, ?2)")?;
-                for r in recipients {
-                    ins.execute(params![r, message.id as i64])?;
-                    touched.insert(r);
-                }
-                tx.prepare_cached(
-                    "INSERT INTO meta (key, value) VALUES ('next_message_id', ?1) \
-                     ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
-                )?
-                .execute([message.id as i64 + 1])?;
+            }
+            Write::DropMessage { id } => {
+                tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?.execute([*id as i64])?;
             }
             Write::Delivered { user, up_to } => {
                 tx.prepare_cached(
@@ -380,13 +509,13 @@ fn apply(max_inbox: usize, tx: &rusqlite::Transaction<'_>, batch: &[Write]) -> r
             }
         }
     }
-    // Retention: keep the newest `max_inbox` per touched inbox.
-    let mut trim = tx.prepare_cached(
-        "DELETE FROM inbox WHERE user_name = ?1 AND message_id < \
-         (SELECT message_id FROM inbox WHERE user_name = ?1 ORDER BY message_id DESC LIMIT 1 OFFSET ?2)",
-    )?;
-    for user in touched {
-        trim.execute(params![user, max_inbox as i64 - 1])?;
+    // Ids are never reused, even those of messages nobody received or that were collected.
+    if let Some(next) = next_message_id {
+        tx.prepare_cached(
+            "INSERT INTO meta (key, value) VALUES ('next_message_id', ?1) \
+             ON CONFLICT (key) DO UPDATE SET value = MAX(value, excluded.value)",
+        )?
+        .execute([next as i64])?;
     }
     Ok(())
 }
@@ -401,16 +530,28 @@ impl Store for SqliteStore {
                 [epoch],
             )
             .map_err(|e| err(&self.path, "cannot write", e))?;
-        match self.collect_garbage() {
-            Ok(n) if n > 0 => log::info!("removed {n} messages no inbox refers to"),
-            Ok(_) => {}
-            Err(e) => log::warn!("{}: cannot remove unreferenced messages: {e}", self.path.display()),
+        // Read everything once at the start: the messages no inbox holds go now, and the next
+        // `load` gets what was read.
+        let (mut snap, ids, unreferenced) = self.read_all().map_err(|e| err(&self.path, "cannot read", e))?;
+        snap.epoch = epoch as u32;
+        self.ids = ids;
+        self.loaded = Some(snap);
+        if !unreferenced.is_empty() {
+            match self.delete_messages(&unreferenced) {
+                Ok(()) => log::info!("removed {} messages no inbox holds", unreferenced.len()),
+                Err(e) => log::warn!("{}: cannot remove unreferenced messages: {e}", self.path.display()),
+            }
         }
         Ok(epoch as u32)
     }
 
     fn load(&mut self) -> Result<Snapshot, StoreError> {
-        self.read_all().map_err(|e| err(&self.path, "cannot read", e))
+        if let Some(snap) = self.loaded.take() {
+            return Ok(snap);
+        }
+        let (snap, ids, _) = self.read_all().map_err(|e| err(&self.path, "cannot read", e))?;
+        self.ids = ids;
+        Ok(snap)
     }
 
     fn changed_externally(&mut self) -> Result<bool, StoreError> {
@@ -421,16 +562,22 @@ impl Store for SqliteStore {
     }
 
     fn commit(&mut self, batch: &[Write]) -> Result<(), StoreError> {
-        let path = self.path.clone();
-        let max_inbox = self.max_inbox;
-        let tx = self.conn.transaction().map_err(|e| err(&path, "cannot begin a transaction", e))?;
-        match apply(max_inbox, &tx, batch) {
-            Ok(()) => tx.commit().map_err(|e| err(&path, "commit failed", e)),
+        self.loaded = None;
+        let tx = self.conn.transaction().map_err(|e| err(&self.path, "cannot begin a transaction", e))?;
+        let result = match apply(&tx, &mut self.ids, batch) {
+            Ok(()) => tx.commit().map_err(|e| err(&self.path, "commit failed", e)),
             Err(e) => {
                 let _ = tx.rollback();
-                Err(err(&path, "write failed", e))
+                Err(err(&self.path, "write failed", e))
+            }
+        };
+        if result.is_err() {
+            // The id cache may hold accounts the batch created: read it again.
+            if let Ok((_, ids, _)) = self.read_all() {
+                self.ids = ids;
             }
         }
+        result
     }
 }
 
@@ -555,5 +702,135 @@ mod tests {
         let err = SqliteStore::open(&dir.0, 10).err().unwrap();
         assert!(err.0.contains("udpmsg.db") && err.0.contains("damaged"), "{err}");
         assert_eq!(std::fs::read(dir.0.join(DB_FILE)).unwrap(), vec![0x42u8; 8192], "left untouched");
+    }
+    fn inbox(snap: &Snapshot, user: &str) -> Vec<u64> {
+        snap.accounts.iter().find(|a| a.user == user).unwrap().inbox.iter().map(|m| m.id).collect()
+    }
+
+    fn reopen(dir: &Dir, max_inbox: usize) -> Snapshot {
+        let mut s = SqliteStore::open(&dir.0, max_inbox).unwrap();
+        s.begin_epoch().unwrap();
+        s.load().unwrap()
+    }
+
+    #[test]
+    fn one_row_per_message_inboxes_rebuilt_and_collected() {
+        let dir = Dir::new("rows");
+        {
+            let mut s = SqliteStore::open(&dir.0, 2).unwrap();
+            s.commit(&[
+                Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
+                Write::CreateAccount { user: "bob".into(), password_hash: "h".into() },
+            ])
+            .unwrap();
+            let both = vec!["alice".to_string(), "bob".to_string()];
+            s.commit(&[
+                Write::StoreMessage { message: msg(1, "carol"), recipients: both.clone() },
+                Write::StoreMessage { message: msg(2, "carol"), recipients: vec!["alice".into()] },
+                Write::StoreMessage { message: msg(3, "carol"), recipients: vec![] },
+                Write::StoreMessage { message: msg(4, "carol"), recipients: both },
+                Write::StoreMessage { message: msg(5, "carol"), recipients: vec!["bob".into()] },
+            ])
+            .unwrap();
+            let rows: i64 = s.conn.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0)).unwrap();
+            assert_eq!(rows, 4, "one row per message, none for a message nobody receives");
+        }
+        let snap = reopen(&dir, 2);
+        assert_eq!(inbox(&snap, "alice"), vec![2, 4]);
+        assert_eq!(inbox(&snap, "bob"), vec![4, 5]);
+        assert_eq!(snap.next_message_id, 6, "the id of an unstored message is not reused");
+        // Message 1 is in no inbox of 2 any more: it went at that start.
+        let s = SqliteStore::open_as(&dir.0, 2, Access::Admin).unwrap();
+        let ids: Vec<i64> = s
+            .conn
+            .prepare("SELECT id FROM messages ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ids, vec![2, 4, 5]);
+    }
+
+    #[test]
+    fn a_name_registered_again_inherits_nothing() {
+        let dir = Dir::new("rename");
+        {
+            let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+            s.commit(&[
+                Write::CreateAccount { user: "alice".into(), password_hash: "old".into() },
+                Write::CreateAccount { user: "bob".into(), password_hash: "h".into() },
+                Write::StoreMessage {
+                    message: msg(1, "carol"),
+                    recipients: vec!["alice".into(), "bob".into()],
+                },
+            ])
+            .unwrap();
+            s.commit(&[Write::DeleteAccount { user: "alice".into() }]).unwrap();
+            s.commit(&[Write::CreateAccount { user: "alice".into(), password_hash: "new".into() }]).unwrap();
+            s.commit(&[Write::StoreMessage { message: msg(2, "carol"), recipients: vec!["alice".into()] }])
+                .unwrap();
+        }
+        let snap = reopen(&dir, 10);
+        assert_eq!(inbox(&snap, "alice"), vec![2], "the old alice's message stays hers");
+        assert_eq!(inbox(&snap, "bob"), vec![1]);
+    }
+
+    #[test]
+    fn dropped_messages_leave_storage() {
+        let dir = Dir::new("drop");
+        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+        s.commit(&[
+            Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
+            Write::StoreMessage { message: msg(1, "bob"), recipients: vec!["alice".into()] },
+            Write::StoreMessage { message: msg(2, "bob"), recipients: vec!["alice".into()] },
+        ])
+        .unwrap();
+        s.commit(&[Write::DropMessage { id: 1 }]).unwrap();
+        assert_eq!(inbox(&s.load().unwrap(), "alice"), vec![2]);
+    }
+
+    #[test]
+    fn a_version_2_database_is_migrated_with_its_inboxes() {
+        let dir = Dir::new("v2");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        {
+            let conn = Connection::open(dir.0.join(DB_FILE)).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(MIGRATE_V2).unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 2;
+                 INSERT INTO accounts VALUES ('alice', 'h', 1), ('bob', 'h', 0);
+                 INSERT INTO messages VALUES (1, 'carol', NULL, 'one'), (2, 'carol', 'bob', 'dm'),
+                     (3, 'carol', NULL, 'three'), (4, 'carol', NULL, 'orphan');
+                 INSERT INTO inbox VALUES ('alice', 1), ('bob', 1), ('bob', 2), ('alice', 3);
+                 INSERT INTO meta VALUES ('next_message_id', 9), ('epoch', 4);",
+            )
+            .unwrap();
+        }
+        let snap = reopen(&dir, 10);
+        assert_eq!(inbox(&snap, "alice"), vec![1, 3]);
+        assert_eq!(inbox(&snap, "bob"), vec![1, 2]);
+        let bob = snap.accounts.iter().find(|a| a.user == "bob").unwrap();
+        assert_eq!(
+            bob.inbox[1],
+            Message { id: 2, author: "carol".into(), to: Some("bob".into()), text: "dm".into() }
+        );
+        assert_eq!(snap.accounts[0].last_delivered, 1);
+        assert_eq!((snap.next_message_id, snap.epoch), (9, 5));
+        // New accounts get ids no old account had.
+        let mut s = SqliteStore::open_as(&dir.0, 10, Access::Admin).unwrap();
+        s.commit(&[Write::CreateAccount { user: "carol".into(), password_hash: "h".into() }]).unwrap();
+        let ids: Vec<i64> = s
+            .conn
+            .prepare("SELECT id FROM accounts ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(ids, vec![1, 2, 3]);
+        let version: i64 = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
     }
 }

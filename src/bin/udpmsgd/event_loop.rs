@@ -1,15 +1,17 @@
 //! The daemon's mio loop: it only moves bytes and time between the socket, the core, the store
 //! and the password workers.
 //!
-//! One turn: wait for readiness or the core's deadline; receive until `WouldBlock` (at most
-//! `RECV_BUDGET` datagrams, so output and commits are never starved); feed password results and
-//! timers; hand out password jobs; commit the turn's writes as one batch; send everything the
-//! core released.
+//! One turn: wait for readiness or the core's deadline; take in what the store thread finished;
+//! receive until `WouldBlock` (at most `RECV_BUDGET` datagrams, so output and commits are never
+//! starved); feed password results and timers; hand out password jobs; when the store is idle,
+//! hand it everything written since the last batch (group commit); send everything the core
+//! released. Replies and pushes that depend on a batch leave only after it is durable.
 
 #[path = "../common/udp.rs"]
 mod udp;
 
 use crate::metrics::{Metrics, ShellCounters};
+use crate::store_thread::{Done, Job, StoreThread};
 use crate::workers::PasswordPool;
 use log::{debug, info, warn};
 use mio::net::UdpSocket;
@@ -76,7 +78,7 @@ pub fn run(
             .map_err(|e| e.to_string())?;
     }
 
-    let mut store: Box<dyn Store> = match cfg.storage {
+    let mut store: Box<dyn Store + Send> = match cfg.storage {
         StorageKind::Sqlite => {
             Box::new(SqliteStore::open(&cfg.data_dir, cfg.max_inbox as usize).map_err(|e| e.to_string())?)
         }
@@ -117,6 +119,10 @@ pub fn run(
     let storage = cfg.storage;
     let stats_interval = cfg.stats_log_interval_secs;
     let mut core = Server::new(cfg, params, snapshot, Box::new(rng), Instant::now());
+    let store = StoreThread::spawn(store, waker.clone())
+        .map_err(|e| format!("cannot start the store thread: {e}"))?;
+    // What the store thread is doing, if anything: one job at a time.
+    let mut store_busy = false;
 
     info!("listening on {local} (storage: {storage:?}, protocol v{})", udpmsg::proto::VERSION);
     on_listening(local);
@@ -170,6 +176,10 @@ pub fn run(
             }
         }
         let now = Instant::now();
+        while let Some(done) = store.try_done() {
+            store_busy = false;
+            apply_done(&mut core, now, done)?;
+        }
         if readable {
             readable = false;
             for _ in 0..RECV_BUDGET {
@@ -195,13 +205,21 @@ pub fn run(
         while let Some(job) = core.poll_password_job() {
             pool.submit(job);
         }
-        commit(&mut core, store.as_mut(), now)?;
+        if !store_busy && now >= next_external {
+            // Asked between batches, so the answer cannot miss one of ours (see
+            // `Server::sync_accounts`); batches wait for it.
+            next_external = now + EXTERNAL_CHECK;
+            store.submit(Job::CheckExternal);
+            store_busy = true;
+        }
+        if !store_busy {
+            if let Some((n, writes)) = core.take_writes() {
+                store.submit(Job::Commit(n, writes));
+                store_busy = true;
+            }
+        }
         while let Some(t) = core.poll_transmit() {
             outbox.send(&socket, t.to, t.bytes);
-        }
-        if now >= next_external {
-            next_external = now + EXTERNAL_CHECK;
-            sync_external(&mut core, store.as_mut());
         }
         if let (Some(at), Some(every)) = (next_stats, stats_every) {
             if now >= at {
@@ -210,7 +228,18 @@ pub fn run(
             }
         }
     }
-    commit(&mut core, store.as_mut(), Instant::now())?;
+    // Finish what the store is doing, then store the rest (delivered marks too) and send what
+    // that releases.
+    core.flush_delivered();
+    loop {
+        if !store_busy {
+            let Some((n, writes)) = core.take_writes() else { break };
+            store.submit(Job::Commit(n, writes));
+        }
+        let done = store.wait().ok_or("the store thread stopped")?;
+        store_busy = false;
+        apply_done(&mut core, Instant::now(), done)?;
+    }
     while let Some(t) = core.poll_transmit() {
         outbox.send(&socket, t.to, t.bytes);
     }
@@ -292,18 +321,6 @@ const RESTART_KEYS: &[&str] = &[
     "reply_cache_max_unauthenticated",
 ];
 
-/// Picks up accounts added, deleted or given a new password by `udpmsgd user ...`.
-fn sync_external(core: &mut Server, store: &mut dyn Store) {
-    match store.changed_externally() {
-        Ok(false) => {}
-        Ok(true) => match store.load() {
-            Ok(durable) => core.sync_accounts(Instant::now(), durable),
-            Err(e) => warn!("cannot read the store after an outside change: {e}"),
-        },
-        Err(e) => debug!("cannot check the store for outside changes: {e}"),
-    }
-}
-
 /// One line of counters, logged every `stats_log_interval_secs` and at exit.
 fn summary(core: &Server, outbox: &Outbox) -> String {
     let s = core.stats();
@@ -334,22 +351,23 @@ fn summary(core: &Server, outbox: &Outbox) -> String {
     )
 }
 
-/// Group commit: everything this turn wrote, in one batch; the replies that depend on it are
-/// released only after the store has returned.
-fn commit(core: &mut Server, store: &mut dyn Store, now: Instant) -> Result<(), String> {
-    let Some((n, writes)) = core.take_writes() else { return Ok(()) };
-    match store.commit(&writes) {
-        Ok(()) => core.on_committed(now, n, writes.len()),
-        Err(e) => {
+/// Hands a finished store job to the core.
+fn apply_done(core: &mut Server, now: Instant, done: Done) -> Result<(), String> {
+    match done {
+        Done::Committed { n, writes } => core.on_committed(now, n, writes),
+        Done::Failed { n, writes, error, durable } => {
             // Nothing of the batch is stored and none of its replies has left: undo it in memory
             // and tell those clients to retry. If even reading fails, stop: that loses nothing
             // acknowledged either.
-            log::error!("storage commit of {} write(s) failed: {e}", writes.len());
-            let durable = store
-                .load()
-                .map_err(|e| format!("storage unreadable after a failed commit, stopping: {e}"))?;
+            log::error!("storage commit of {writes} write(s) failed: {error}");
+            let durable =
+                durable.map_err(|e| format!("storage unreadable after a failed commit, stopping: {e}"))?;
             core.on_commit_failed(now, n, durable);
         }
+        // Accounts added, deleted or given a new password by `udpmsgd user ...`.
+        Done::External(Ok(Some(durable))) => core.sync_accounts(now, durable),
+        Done::External(Ok(None)) => {}
+        Done::External(Err(e)) => debug!("cannot check the store for outside changes: {e}"),
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod admin;
 mod event_loop;
 mod metrics;
+mod store_thread;
 mod workers;
 
 use clap::{Parser, Subcommand};
