@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use udp::Outbox;
+use udp::{Inbox, Outbox};
 use udpmsg::config::{ServerConfig, StorageKind};
 use udpmsg::password::HashParams;
 use udpmsg::server::Server;
@@ -129,7 +129,7 @@ pub fn run(
 
     let mut events = Events::with_capacity(256);
     let mut outbox = Outbox::new(OUTBOX_MAX);
-    let mut buf = vec![0u8; RECV_BUF];
+    let mut inbox = Inbox::new(RECV_BUF);
     let mut readable = true;
     let mut stats_every = (stats_interval > 0).then(|| Duration::from_secs(stats_interval));
     let mut next_stats = stats_every.map(|d| Instant::now() + d);
@@ -181,20 +181,26 @@ pub fn run(
             apply_done(&mut core, now, done)?;
         }
         if readable {
-            readable = false;
-            for _ in 0..RECV_BUDGET {
-                match socket.recv_from(&mut buf) {
-                    Ok((n, from)) => core.handle(now, from, &buf[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            let mut received = 0;
+            while received < RECV_BUDGET {
+                match inbox.recv(&socket) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        received += n;
+                        for (from, bytes) in inbox.datagrams() {
+                            core.handle(now, from, bytes);
+                        }
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         // e.g. an ICMP error reported on the socket: not fatal for a server.
                         debug!("recv failed: {e}");
+                        received += 1;
                     }
                 }
-                // Budget used up without WouldBlock: come back without sleeping.
-                readable = true;
             }
+            // Budget used up before the socket ran dry: come back without sleeping.
+            readable = received >= RECV_BUDGET;
         }
         for (id, outcome) in pool.results() {
             core.on_password_done(now, id, outcome);
@@ -219,8 +225,9 @@ pub fn run(
             }
         }
         while let Some(t) = core.poll_transmit() {
-            outbox.send(&socket, t.to, t.bytes);
+            outbox.push(t.to, t.bytes);
         }
+        outbox.flush(&socket);
         if let (Some(at), Some(every)) = (next_stats, stats_every) {
             if now >= at {
                 info!("stats: {}", summary(&core, &outbox));
@@ -241,8 +248,9 @@ pub fn run(
         apply_done(&mut core, Instant::now(), done)?;
     }
     while let Some(t) = core.poll_transmit() {
-        outbox.send(&socket, t.to, t.bytes);
+        outbox.push(t.to, t.bytes);
     }
+    outbox.flush(&socket);
     info!("stopped: {}", summary(&core, &outbox));
     Ok(())
 }
