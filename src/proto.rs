@@ -125,7 +125,14 @@ pub enum ClientMsg {
     Request(Request),
     /// Acknowledges the push with this per-session sequence number. Never answered.
     PushAck { token: Token, seq: u64 },
+    /// Acknowledges several pushes of one session at once (2 to [`MAX_ACKS`] sequence numbers,
+    /// each once): a client acks everything one read of its socket brought in a single
+    /// datagram. Never answered.
+    PushAcks { token: Token, seqs: Vec<u64> },
 }
+
+/// Most sequence numbers in one [`ClientMsg::PushAcks`].
+pub const MAX_ACKS: usize = 64;
 
 /// A request: the id is chosen by the client and echoed by the reply; a retransmission reuses it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -504,7 +511,15 @@ pub fn encode_server(msg: &ServerMsg) -> Vec<u8> {
 }
 
 pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
-    decode_body(check_header(bytes, CLIENT_MAGIC)?)
+    let msg: ClientMsg = decode_body(check_header(bytes, CLIENT_MAGIC)?)?;
+    if let ClientMsg::PushAcks { seqs, .. } = &msg {
+        // One way to say each thing: a single ack is a PushAck, and no seq twice.
+        let unique = seqs.iter().collect::<std::collections::BTreeSet<_>>().len() == seqs.len();
+        if !(2..=MAX_ACKS).contains(&seqs.len()) || !unique {
+            return Err(DecodeError::Body);
+        }
+    }
+    Ok(msg)
 }
 
 pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
@@ -758,5 +773,18 @@ mod tests {
         assert_eq!(format!("{:?}", Token([0xab; 16])), "Token(..)");
         assert!(Token([1; 16]).ct_eq(&Token([1; 16])));
         assert!(!Token([1; 16]).ct_eq(&Token([2; 16])));
+    }
+    #[test]
+    fn batched_acks_have_one_encoding() {
+        let token = Token([7; 16]);
+        let acks = |seqs: Vec<u64>| encode_client(&ClientMsg::PushAcks { token, seqs });
+        let ok = ClientMsg::PushAcks { token, seqs: vec![3, 1, 2] };
+        assert_eq!(decode_client(&encode_client(&ok)), Ok(ok));
+        let most = acks((1..=MAX_ACKS as u64).map(|s| s * 1_000_000).collect());
+        assert!(most.len() <= MAX_DATAGRAM && decode_client(&most).is_ok());
+        // A single ack is a PushAck; none, a repeated seq or too many are refused.
+        for seqs in [vec![], vec![5], vec![1, 2, 1], (1..=MAX_ACKS as u64 + 1).collect()] {
+            assert_eq!(decode_client(&acks(seqs.clone())), Err(DecodeError::Body), "{seqs:?}");
+        }
     }
 }

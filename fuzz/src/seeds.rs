@@ -63,6 +63,9 @@ pub fn client_datagrams() -> Vec<(String, Vec<u8>)> {
     let ack = |seq| proto::encode_client(&ClientMsg::PushAck { token: Token([0x5a; 16]), seq });
     v.push(("push-ack".into(), ack(1)));
     v.push(("push-ack-large".into(), ack(1 << 40)));
+    let acks = |seqs| proto::encode_client(&ClientMsg::PushAcks { token: Token([0x5a; 16]), seqs });
+    v.push(("push-acks".into(), acks(vec![3, 1, 2])));
+    v.push(("push-acks-most".into(), acks((1..=proto::MAX_ACKS as u64).collect())));
     v.push(("version-2".into(), b"UM\x02\x00\x00\x00\x09".to_vec()));
     v
 }
@@ -164,7 +167,9 @@ pub fn server_core_inputs() -> Vec<(String, Vec<u8>)> {
         (2, req(3, eve, RequestBody::Ping)),
         (2, req(4, eve, RequestBody::Subscribe { user: "mallory".into() })),
         (1, req(1, mallory, RequestBody::Post { text: "hello subscribers".into() })),
+        (1, req(2, mallory, RequestBody::Post { text: "and again".into() })),
         (2, ack(slot(1), 1)),
+        (2, proto::encode_client(&ClientMsg::PushAcks { token: slot(1), seqs: vec![2, 1] })),
         (2, req(5, eve, RequestBody::Retrieve { count: 100, before: None })),
         (2, req(6, eve, RequestBody::ListUsers { pattern: "*".into(), after: None })),
         (2, req(7, eve, RequestBody::Subscriptions { after: None })),

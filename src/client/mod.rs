@@ -195,6 +195,9 @@ pub struct Client {
     rtt: RttEstimator,
     pending: Option<Pending>,
     out: VecDeque<Vec<u8>>,
+    /// Pushes to ack, with the session they came for: sent together by the next
+    /// `poll_transmit`, so one read of the socket costs one ack datagram, not one per push.
+    acks: Option<(Token, Vec<u64>)>,
     events: VecDeque<Event>,
     pushes: PushReceiver,
     /// Pushes that arrived while the login was being confirmed: shown right after "logged in".
@@ -213,6 +216,7 @@ impl Client {
             server,
             state: State::Ready,
             session: None,
+            acks: None,
             next_id: first_request_id,
             pending: None,
             out: VecDeque::new(),
@@ -369,7 +373,26 @@ impl Client {
             PushOutcome::Ready(msgs) => self.events.extend(msgs.into_iter().map(Event::Push)),
         }
         // Ack every push we keep, duplicates too: the first ack may have been lost.
-        self.out.push_back(proto::encode_client(&ClientMsg::PushAck { token, seq }));
+        if self.acks.as_ref().is_some_and(|(t, _)| *t != token) {
+            self.flush_acks();
+        }
+        let seqs = &mut self.acks.get_or_insert_with(|| (token, Vec::new())).1;
+        if !seqs.contains(&seq) {
+            seqs.push(seq);
+        }
+        if seqs.len() == proto::MAX_ACKS {
+            self.flush_acks();
+        }
+    }
+
+    /// Turns the pending acks into one datagram.
+    fn flush_acks(&mut self) {
+        let msg = match self.acks.take() {
+            Some((token, seqs)) if seqs.len() == 1 => ClientMsg::PushAck { token, seq: seqs[0] },
+            Some((token, seqs)) if !seqs.is_empty() => ClientMsg::PushAcks { token, seqs },
+            _ => return,
+        };
+        self.out.push_back(proto::encode_client(&msg));
     }
 
     fn on_reply(&mut self, now: Instant, id: u64, result: Result<Response, ErrorCode>) {
@@ -533,6 +556,7 @@ impl Client {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.flush_acks();
         self.out.pop_front()
     }
 

@@ -338,12 +338,13 @@ impl Server {
             }
         };
         match msg {
-            ClientMsg::PushAck { token, seq } => self.on_push_ack(now, from, token, seq),
+            ClientMsg::PushAck { token, seq } => self.on_push_acks(now, from, token, &[seq]),
+            ClientMsg::PushAcks { token, seqs } => self.on_push_acks(now, from, token, &seqs),
             ClientMsg::Request(req) => self.on_request(now, from, bytes.len(), req),
         }
     }
 
-    fn on_push_ack(&mut self, now: Instant, from: SocketAddr, token: Token, seq: u64) {
+    fn on_push_acks(&mut self, now: Instant, from: SocketAddr, token: Token, seqs: &[u64]) {
         let Some(s) = self.sessions.get_mut(&token) else {
             trace!("ack for unknown session");
             return;
@@ -355,8 +356,14 @@ impl Server {
             self.pump(now, token);
             return;
         }
-        let Some(through) = s.ack(now, seq) else { return };
-        self.stats.pushes_acked += 1;
+        let mut through = None;
+        for &seq in seqs {
+            if let Some(t) = s.ack(now, seq) {
+                self.stats.pushes_acked += 1;
+                through = through.max(Some(t));
+            }
+        }
+        let Some(through) = through else { return };
         // The user's name is copied only when delivery advances, not for every ack.
         if let Some(acc) = self.users.get_mut(&s.user) {
             if through > acc.last_delivered {

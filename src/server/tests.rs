@@ -1001,3 +1001,27 @@ fn an_admin_sync_does_not_undo_account_changes_not_yet_committed() {
         "alice stays deleted"
     );
 }
+
+#[test]
+fn one_datagram_acks_several_pushes() {
+    let mut h = H::with(ServerConfig { push_window: 4, ..test_config() });
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    for i in 0..6 {
+        h.req(a(2), Some(bob), RequestBody::Post { text: format!("m{i}") }).unwrap();
+    }
+    assert_eq!(h.pushes().iter().map(|p| p.1).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    // 2 and 4 acked (and an unknown 9): two window slots open, nothing counts as delivered
+    // past the gap at 1.
+    let bytes = proto::encode_client(&ClientMsg::PushAcks { token: alice, seqs: vec![4, 9, 2] });
+    h.server.handle(h.now, a(1), &bytes);
+    h.turn();
+    assert_eq!(h.pushes().iter().map(|p| p.1).collect::<Vec<_>>(), vec![5, 6]);
+    assert_eq!(h.server.stats().pushes_acked, 2);
+    let bytes = proto::encode_client(&ClientMsg::PushAcks { token: alice, seqs: vec![1, 3, 5, 6] });
+    h.server.handle(h.now, a(1), &bytes);
+    h.server.flush_delivered();
+    h.turn();
+    assert!(h.committed.contains(&Write::Delivered { user: "alice".into(), up_to: 6 }), "all delivered");
+}

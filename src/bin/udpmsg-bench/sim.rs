@@ -28,6 +28,9 @@ use udpmsg::client::{Client, Event, SubmitError};
 use udpmsg::command::Command;
 use udpmsg::config::ClientConfig;
 
+/// Clients served together after a read of a shared socket (bounds the linear `contains`).
+const DIRTY_MAX: usize = 64;
+
 /// What a workload does with the clients' events.
 pub trait Behavior {
     /// Client `i` produced `ev`. May submit commands through `sim`.
@@ -262,6 +265,9 @@ impl Sim {
             }
             for ev in events.iter() {
                 let s = ev.token().0;
+                // Clients that got datagrams in this read of the socket: served once it is
+                // drained, as the real client does (its acks then go out in one datagram).
+                let mut dirty: Vec<usize> = Vec::new();
                 loop {
                     let (n, from) = match self.socks[s].sock.recv_from(&mut self.buf) {
                         Ok(x) => x,
@@ -277,13 +283,24 @@ impl Sim {
                         Some(i) => {
                             self.clients[i].core.handle(now, from, &bytes[..n]);
                             self.buf = bytes;
-                            self.service(i, b, now);
+                            if !dirty.contains(&i) {
+                                dirty.push(i);
+                            }
+                            if dirty.len() >= DIRTY_MAX {
+                                for i in dirty.drain(..) {
+                                    self.service(i, b, now);
+                                }
+                            }
                         }
                         None => {
                             self.buf = bytes;
                             self.net.unroutable += 1;
                         }
                     }
+                }
+                let now = Instant::now();
+                for i in dirty {
+                    self.service(i, b, now);
                 }
             }
             now = Instant::now();
