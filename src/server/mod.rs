@@ -453,9 +453,13 @@ impl Server {
                         }
                         Slot::Global(Key::Addr(from, req.id))
                     }
-                    // A retransmitted logout or delete whose session is already gone.
-                    (_, Some(t)) => Slot::Global(Key::Token(t, req.id)),
-                    (_, None) => Slot::None,
+                    // A retransmitted logout or delete whose session is already gone. Only those:
+                    // another request with that token and id is not their retransmission (and must
+                    // not occupy the bounded cache either).
+                    (proto::RequestBody::Logout | proto::RequestBody::DeleteAccount { .. }, Some(t)) => {
+                        Slot::Global(Key::Token(t, req.id))
+                    }
+                    _ => Slot::None,
                 };
                 if let Slot::Global(key) = slot {
                     match self.replies.get(&key) {

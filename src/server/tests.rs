@@ -1025,3 +1025,31 @@ fn one_datagram_acks_several_pushes() {
     h.turn();
     assert!(h.committed.contains(&Write::Delivered { user: "alice".into(), up_to: 6 }), "all delivered");
 }
+
+#[test]
+fn only_a_logout_gets_the_cached_logout_reply() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    let (id, logout) = h.encode(Some(alice), RequestBody::Logout);
+    h.raw(a(1), &logout);
+    // Its retransmission is answered from the cache...
+    let again = h.raw(a(1), &logout);
+    assert!(matches!(
+        proto::decode_server(&again[0].bytes),
+        Ok(ServerMsg::Reply { result: Ok(Response::LoggedOut), .. })
+    ));
+    // ...but another request that reuses the dead token and the id (a bit flip in the body tag
+    // of a captured logout) is not that retransmission.
+    for body in [RequestBody::WhoAmI, RequestBody::Post { text: "x".into() }] {
+        let bytes = proto::encode_client(&ClientMsg::Request(Request { id, token: Some(alice), body }));
+        let out = h.raw(a(1), &bytes);
+        assert!(
+            matches!(
+                proto::decode_server(&out[0].bytes),
+                Ok(ServerMsg::Reply { result: Err(ErrorCode::SessionExpired | ErrorCode::NotLoggedIn), .. })
+            ),
+            "{:?}",
+            proto::decode_server(&out[0].bytes)
+        );
+    }
+}
