@@ -1,5 +1,10 @@
 //! The password worker pool: argon2 runs here, never on the event loop. Results come back
 //! through a channel, and the loop is woken with its `mio::Waker`.
+//!
+//! The workers run at a lower scheduling priority (nice +`WORKER_NICE`) than the loop: on a
+//! machine with as many cores as workers, a login storm at argon2's default cost would otherwise
+//! take the loop's CPU, and every established session's traffic would wait behind the hashing.
+//! Logins are what waits instead (their queue is bounded by `password_queue`).
 
 use mio::Waker;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -25,18 +30,21 @@ impl PasswordPool {
             let job_rx = job_rx.clone();
             let res_tx = res_tx.clone();
             let waker = waker.clone();
-            threads.push(thread::Builder::new().name(format!("password-{i}")).spawn(move || loop {
-                let job = {
-                    let Ok(rx) = job_rx.lock() else { return };
-                    match rx.recv() {
-                        Ok(job) => job,
-                        Err(_) => return, // pool dropped
+            threads.push(thread::Builder::new().name(format!("password-{i}")).spawn(move || {
+                lower_priority();
+                loop {
+                    let job = {
+                        let Ok(rx) = job_rx.lock() else { return };
+                        match rx.recv() {
+                            Ok(job) => job,
+                            Err(_) => return, // pool dropped
+                        }
+                    };
+                    if res_tx.send(job.run()).is_err() {
+                        return;
                     }
-                };
-                if res_tx.send(job.run()).is_err() {
-                    return;
+                    let _ = waker.wake();
                 }
-                let _ = waker.wake();
             })?);
         }
         Ok(PasswordPool { jobs: Some(job_tx), results: res_rx, threads })
@@ -59,6 +67,23 @@ impl Drop for PasswordPool {
         self.jobs = None;
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+    }
+}
+
+/// How much less CPU priority a password worker has than the event loop.
+const WORKER_NICE: libc::c_int = 5;
+
+/// Lowers the calling thread's priority (on Linux `setpriority` with `PRIO_PROCESS` and a
+/// thread id applies to that thread only). Failure only costs fairness: logged, not fatal.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let tid = nix::unistd::gettid().as_raw() as libc::id_t;
+        // SAFETY: setpriority takes plain integers and touches no memory of ours.
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, WORKER_NICE) };
+        if r != 0 {
+            log::warn!("cannot lower the password workers' priority: {}", std::io::Error::last_os_error());
         }
     }
 }
