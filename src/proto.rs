@@ -1,4 +1,7 @@
-//! Wire types and codec for protocol v1.
+//! Wire types and codec for protocol v2.
+//!
+//! History: v1 was the first; v2 added [`ClientMsg::PushAcks`]. A v1 daemon could not read a v2
+//! client's batched acks, so the version changed: each side now says so instead of losing pushes.
 //!
 //! # Framing
 //!
@@ -35,7 +38,7 @@ pub const CLIENT_MAGIC: [u8; 2] = *b"UM";
 /// one daemon and itself) answering each other forever.
 pub const SERVER_MAGIC: [u8; 2] = *b"Um";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the magic + version header.
 pub const HEADER_LEN: usize = 3;
 /// No datagram, in either direction, is ever larger than this.
@@ -142,7 +145,7 @@ pub struct Request {
     pub body: RequestBody,
 }
 
-/// The requests of protocol v1.
+/// The requests of protocol v2 (the same as v1's).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestBody {
     /// Create an account. `pad` brings the datagram to [`MIN_UNAUTHENTICATED_REQUEST`].
@@ -671,7 +674,7 @@ mod tests {
         ];
         for m in msgs {
             let bytes = encode_client(&m);
-            assert_eq!(&bytes[..3], b"UM\x01");
+            assert_eq!(&bytes[..3], b"UM\x02");
             assert_eq!(decode_client(&bytes), Ok(m));
         }
     }
@@ -699,17 +702,17 @@ mod tests {
     #[test]
     fn header_checks() {
         assert_eq!(decode_client(b"UM"), Err(DecodeError::BadLength));
-        assert_eq!(decode_client(b"XX\x01\x00"), Err(DecodeError::BadMagic));
-        assert_eq!(decode_client(b"UM\x02\x00"), Err(DecodeError::Version(2)));
-        assert_eq!(decode_client(b"UM\x01"), Err(DecodeError::Body));
+        assert_eq!(decode_client(b"XX\x02\x00"), Err(DecodeError::BadMagic));
+        assert_eq!(decode_client(b"UM\x01\x00"), Err(DecodeError::Version(1)));
+        assert_eq!(decode_client(b"UM\x02"), Err(DecodeError::Body));
         assert_eq!(decode_client(&[0u8; MAX_DATAGRAM + 1]), Err(DecodeError::BadLength));
         // Trailing bytes after a valid body are rejected, so decode/encode round-trips exactly.
         let mut ok = encode_client(&ClientMsg::PushAck { token: Token([0; 16]), seq: 1 });
         ok.push(0);
         assert_eq!(decode_client(&ok), Err(DecodeError::Body));
-        assert_eq!(version_notice(), b"Um\x01");
+        assert_eq!(version_notice(), b"Um\x02");
         // Over-long varints (a non-canonical id 0) are not accepted.
-        assert_eq!(decode_client(b"UM\x01\x00\x80\x00\x00\x09"), Err(DecodeError::Body));
+        assert_eq!(decode_client(b"UM\x02\x00\x80\x00\x00\x09"), Err(DecodeError::Body));
         // No answer is ever a request: a Pong is not a Ping, whatever the bytes after the magic.
         let pong = encode_server(&ServerMsg::Reply { id: 42, result: Ok(Response::Pong) });
         assert_eq!(decode_client(&pong), Err(DecodeError::BadMagic));

@@ -220,5 +220,5 @@ fn version_mismatch_as_the_user_sees_it() {
     });
     let out = run_client(addr, &["ping", "whoami"], "");
     assert_ne!(out.code, Some(0));
-    assert_eq!(out.stderr, vec!["error: server speaks protocol v9, this client speaks v1"]);
+    assert_eq!(out.stderr, vec!["error: server speaks protocol v9, this client speaks v2"]);
 }

@@ -161,13 +161,13 @@ fn raw_socket() -> UdpSocket {
     s
 }
 
-/// A v1 `Ping` request without a session.
+/// A `Ping` request without a session.
 fn ping_datagram(id: u64) -> Vec<u8> {
     use udpmsg::proto::{encode_client, ClientMsg, Request, RequestBody};
     encode_client(&ClientMsg::Request(Request { id, token: None, body: RequestBody::Ping }))
 }
 
-/// Sends a v1 `Ping` and returns the decoded answer.
+/// Sends a `Ping` and returns the decoded answer.
 fn raw_ping(sock: &UdpSocket, daemon: SocketAddr, id: u64) -> udpmsg::proto::ServerMsg {
     sock.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     // A few tries: UDP, even on loopback, is allowed to lose a datagram.
@@ -176,7 +176,7 @@ fn raw_ping(sock: &UdpSocket, daemon: SocketAddr, id: u64) -> udpmsg::proto::Ser
         let mut buf = [0u8; 2048];
         if let Ok((n, from)) = sock.recv_from(&mut buf) {
             assert_eq!(from, daemon);
-            return udpmsg::proto::decode_server(&buf[..n]).expect("a v1 answer");
+            return udpmsg::proto::decode_server(&buf[..n]).expect("an answer in our version");
         }
     }
     panic!("the daemon did not answer a ping");
@@ -651,7 +651,7 @@ fn no_answer_gives_up_after_the_configured_tries() {
     let mut buf = [0u8; 2048];
     let mut got = 0;
     while silent.recv_from(&mut buf).is_ok() {
-        assert_eq!(&buf[..3], b"UM\x01");
+        assert_eq!(&buf[..3], b"UM\x02");
         got += 1;
     }
     assert_eq!(got, 3);
@@ -663,7 +663,7 @@ fn no_answer_gives_up_after_the_configured_tries() {
 fn daemon_answers_another_version_with_its_bare_header() {
     let d = daemon();
     let sock = raw_socket();
-    for datagram in [&b"UM\x02"[..], b"UM\x02\x00\x01\x02\x03 anything at all", b"UM\xff\x00"] {
+    for datagram in [&b"UM\x01"[..], b"UM\x01\x00\x01\x02\x03 anything at all", b"UM\xff\x00"] {
         let mut answer = None;
         for _ in 0..10 {
             sock.send_to(datagram, d.addr).unwrap();
@@ -674,7 +674,7 @@ fn daemon_answers_another_version_with_its_bare_header() {
                 break;
             }
         }
-        assert_eq!(answer.as_deref(), Some(&b"Um\x01"[..]), "answer to {datagram:?}");
+        assert_eq!(answer.as_deref(), Some(&b"Um\x02"[..]), "answer to {datagram:?}");
     }
 }
 
@@ -711,7 +711,7 @@ fn client_reports_a_server_of_another_version() {
     stop.store(true, Ordering::Relaxed);
     let seen = server.join().unwrap();
     assert_eq!(out.code, Some(1), "{out:#?}");
-    assert_eq!(out.stderr, vec!["error: server speaks protocol v7, this client speaks v1"], "{out:#?}");
+    assert_eq!(out.stderr, vec!["error: server speaks protocol v7, this client speaks v2"], "{out:#?}");
     assert!(out.stdout.is_empty(), "{out:#?}");
     // It gives up at once instead of retrying, and runs nothing after it.
     assert_eq!(seen, 1, "datagrams the fake server received");
@@ -728,8 +728,8 @@ fn client_reports_a_server_of_another_version() {
     assert_eq!(v[0]["type"], "error");
     assert_eq!(v[0]["code"], "VersionMismatch");
     assert_eq!(v[0]["server_version"], 7);
-    assert_eq!(v[0]["client_version"], 1);
-    assert_eq!(v[0]["message"], "server speaks protocol v7, this client speaks v1");
+    assert_eq!(v[0]["client_version"], udpmsg::proto::VERSION);
+    assert_eq!(v[0]["message"], "server speaks protocol v7, this client speaks v2");
 }
 
 #[test]
@@ -752,10 +752,10 @@ fn garbage_gets_no_answer_and_the_daemon_keeps_serving() {
         b"UM".to_vec(),
         b"hello, daemon".to_vec(),
         b"XX\x01\x00".to_vec(),
-        b"UM\x01".to_vec(),
-        b"UM\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+        b"UM\x02".to_vec(),
+        b"UM\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
         vec![0u8; 1500],
-        [&b"UM\x01"[..], &[7u8; 1300][..]].concat(),
+        [&b"UM\x02"[..], &[7u8; 1300][..]].concat(),
         trailing,
         short_login,
     ];
@@ -771,7 +771,7 @@ fn garbage_gets_no_answer_and_the_daemon_keeps_serving() {
         Ok((n, _)) => panic!("garbage was answered with {:?}", &buf[..n]),
     }
 
-    // Still serving: a raw v1 request is answered, and so is a real client.
+    // Still serving: a raw request is answered, and so is a real client.
     match raw_ping(&sock, d.addr, 11) {
         udpmsg::proto::ServerMsg::Reply { id, result } => {
             assert_eq!(id, 11);

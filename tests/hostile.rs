@@ -300,7 +300,7 @@ fn absurd_frames(rng: &mut Rng, dead: Token) -> Vec<Vec<u8>> {
         &[1, 0x80],
         &[0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f],
     ] {
-        let mut d = b"UM\x01".to_vec();
+        let mut d = b"UM\x02".to_vec();
         d.extend_from_slice(tail);
         v.push(d);
     }
@@ -437,7 +437,7 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
     }
     for _ in 0..1500 {
         let n = rng.range(0, 1197);
-        let mut d = b"UM\x01".to_vec();
+        let mut d = b"UM\x02".to_vec();
         d.extend(rng.bytes(n));
         hostile.push(d);
     }
@@ -484,7 +484,7 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
         hostile.push(proto::encode_client(&ClientMsg::PushAck { token: t, seq: 1 }));
     }
     // Other protocol versions: answered with the 3-byte header.
-    for v in [0u8, 2, 3, 0xff] {
+    for v in [0u8, 1, 3, 0xff] {
         for _ in 0..50 {
             let mut d = vec![b'U', b'M', v];
             let n = rng.range(0, 200);
@@ -497,7 +497,7 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
     let mut oversized = Vec::new();
     for i in 0..150 {
         let n = if i % 3 == 0 { rng.range(1201, 2100) } else { rng.range(1201, 65_000) };
-        let mut d = if i % 2 == 0 { rng.pick(&from_client).clone() } else { b"UM\x01".to_vec() };
+        let mut d = if i % 2 == 0 { rng.pick(&from_client).clone() } else { b"UM\x02".to_vec() };
         let more = n.saturating_sub(d.len());
         d.extend(rng.bytes(more));
         oversized.push(d);

@@ -66,7 +66,7 @@ pub fn client_datagrams() -> Vec<(String, Vec<u8>)> {
     let acks = |seqs| proto::encode_client(&ClientMsg::PushAcks { token: Token([0x5a; 16]), seqs });
     v.push(("push-acks".into(), acks(vec![3, 1, 2])));
     v.push(("push-acks-most".into(), acks((1..=proto::MAX_ACKS as u64).collect())));
-    v.push(("version-2".into(), b"UM\x02\x00\x00\x00\x09".to_vec()));
+    v.push(("version-1".into(), b"UM\x01\x00\x00\x00\x09".to_vec()));
     v
 }
 
@@ -196,8 +196,8 @@ pub fn server_core_inputs() -> Vec<(String, Vec<u8>)> {
     // Garbage and edge cases, as an attacker sends them, from every source.
     let login_eve = req(30, None, login("eve", "evepassword"));
     let garbage: Vec<Vec<u8>> = vec![
-        b"UM\x02\x00\x00\x00\x09".to_vec(),
-        b"UM\x01".to_vec(),
+        b"UM\x01\x00\x00\x00\x09".to_vec(),
+        b"UM\x02".to_vec(),
         b"UM".to_vec(),
         vec![0xff; 64],
         login_eve[..login_eve.len() / 2].to_vec(),

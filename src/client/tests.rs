@@ -196,8 +196,8 @@ fn version_mismatch_fails_the_command() {
     let t0 = Instant::now();
     let mut c = client(t0);
     c.submit(t0, Command::Ping).unwrap();
-    c.handle(t0, addr(), b"Um\x02");
-    assert_eq!(c.poll_event(), Some(Event::VersionMismatch { command: "ping", server_version: 2 }));
+    c.handle(t0, addr(), b"Um\x01");
+    assert_eq!(c.poll_event(), Some(Event::VersionMismatch { command: "ping", server_version: 1 }));
     assert!(c.is_ready());
 }
 

@@ -355,9 +355,9 @@ fn replies_wait_for_the_commit() {
 fn version_mismatch_and_garbage() {
     let mut h = H::new();
     let out = h.raw(a(1), b"UM\x07whatever");
-    assert_eq!(out, vec![Transmit { to: a(1), bytes: b"Um\x01".to_vec() }]);
+    assert_eq!(out, vec![Transmit { to: a(1), bytes: b"Um\x02".to_vec() }]);
     assert!(h.raw(a(1), b"hello").is_empty());
-    assert!(h.raw(a(1), b"UM\x01\xff\xff\xff").is_empty());
+    assert!(h.raw(a(1), b"UM\x02\xff\xff\xff").is_empty());
     assert_eq!(h.server.stats().undecodable, 2);
     assert_eq!(h.server.stats().version_mismatch, 1);
 }
@@ -737,7 +737,7 @@ mod props {
             for mut d in datagrams {
                 // Half of them get a valid header so the body decoder is exercised.
                 if d.len() > 3 && d[0] % 2 == 0 {
-                    d[..3].copy_from_slice(b"UM\x01");
+                    d[..3].copy_from_slice(b"UM\x02");
                 }
                 let len = d.len();
                 for out in h.raw(a(5), &d) {
