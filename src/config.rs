@@ -89,6 +89,10 @@ pub struct ServerConfig {
     /// Threads that hash and verify passwords off the event loop, and their bounded queue.
     pub password_workers: u32,
     pub password_queue: u32,
+    /// Once password jobs take longer than this from submission to result, new ones are
+    /// answered "busy" until the queue has caught up, rather than queued past the point where
+    /// the client stops retransmitting.
+    pub password_max_wait_ms: u64,
     /// Login attempts allowed in a burst per account name and per source address, and the
     /// seconds after which one more is allowed. An attempt holds a token while it is checked and
     /// gives it back on success, so failures (and attempts in progress) count. A throttled login
@@ -145,6 +149,7 @@ impl Default for ServerConfig {
             argon2_parallelism: 1,
             password_workers: 2,
             password_queue: 256,
+            password_max_wait_ms: 3000,
             login_failures_per_user_burst: 5,
             login_failures_per_user_refill_secs: 30,
             login_failures_per_address_burst: 20,
@@ -208,6 +213,7 @@ impl ServerConfig {
         range("argon2_parallelism", self.argon2_parallelism, 1, 64)?;
         range("password_workers", self.password_workers, 1, 256)?;
         range("password_queue", self.password_queue, 1, 1_000_000)?;
+        range("password_max_wait_ms", self.password_max_wait_ms, 10, 600_000)?;
         range("login_failures_per_user_burst", self.login_failures_per_user_burst, 1, 10_000)?;
         range("login_failures_per_user_refill_secs", self.login_failures_per_user_refill_secs, 0, 86_400)?;
         range("login_failures_per_address_burst", self.login_failures_per_address_burst, 1, 1_000_000)?;
@@ -247,6 +253,9 @@ impl ServerConfig {
         self.metrics_listen.parse().ok()
     }
 
+    pub fn password_max_wait(&self) -> Duration {
+        Duration::from_millis(self.password_max_wait_ms)
+    }
     pub fn session_idle_timeout(&self) -> Duration {
         Duration::from_secs(self.session_idle_timeout_secs)
     }

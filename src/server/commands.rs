@@ -88,9 +88,11 @@ impl Server {
                 let slot = super::reply_cache::Key::Token(token, reply.id);
                 let reply = ReplyTo { slot: Slot::Global(slot), ..reply };
                 self.replies.insert(now, slot, super::Entry::Pending);
-                return match self
-                    .submit_job(JobKind::Verify { password, hash }, Auth::Delete { user, reply, token })
-                {
+                return match self.submit_job(
+                    now,
+                    JobKind::Verify { password, hash },
+                    Auth::Delete { user, reply, token },
+                ) {
                     Ok(()) => None,
                     Err(e) => {
                         self.replies.remove(&slot);
@@ -125,7 +127,7 @@ impl Server {
             return Some(Err(ErrorCode::RateLimited { retry_after_secs }));
         }
         let job = JobKind::Hash { password, params: self.hash_params };
-        match self.submit_job(job, Auth::Register { user: user.clone(), reply }) {
+        match self.submit_job(now, job, Auth::Register { user: user.clone(), reply }) {
             Ok(()) => {
                 self.reserved.insert(user);
                 None
@@ -166,7 +168,7 @@ impl Server {
             None => self.dummy_hash.clone(),
         };
         let job = JobKind::Verify { password, hash: hash.clone() };
-        match self.submit_job(job, Auth::Login { user: user.clone(), reply, hash }) {
+        match self.submit_job(now, job, Auth::Login { user: user.clone(), reply, hash }) {
             Ok(()) => None,
             Err(e) => {
                 if let Some(acc) = self.users.get_mut(&user) {

@@ -80,6 +80,8 @@ pub struct Stats {
     pub committed_writes: u64,
     pub largest_batch: u64,
     pub busy: u64,
+    /// Of those, refused because password jobs were waiting longer than `password_max_wait_ms`.
+    pub busy_slow: u64,
     pub logins_throttled: u64,
     pub registrations_throttled: u64,
     pub requests_throttled: u64,
@@ -168,7 +170,10 @@ pub struct Server {
     replies: ReplyCache,
     timers: BinaryHeap<Reverse<(Instant, Token)>>,
     jobs: VecDeque<PasswordJob>,
-    auth: HashMap<u64, Auth>,
+    /// Password jobs queued or running, with when they were submitted.
+    auth: HashMap<u64, (Instant, Auth)>,
+    /// How long the last finished password job took from submission to result.
+    password_sojourn: Duration,
     next_job_id: u64,
     out: VecDeque<Transmit>,
     held: VecDeque<(u64, Held)>,
@@ -240,6 +245,7 @@ impl Server {
             timers: BinaryHeap::new(),
             jobs: VecDeque::new(),
             auth: HashMap::new(),
+            password_sojourn: Duration::ZERO,
             next_job_id: 1,
             out: VecDeque::new(),
             held: VecDeque::new(),
@@ -506,10 +512,11 @@ impl Server {
 
     /// Reports a finished password job.
     pub fn on_password_done(&mut self, now: Instant, id: u64, outcome: PasswordOutcome) {
-        let Some(auth) = self.auth.remove(&id) else {
+        let Some((submitted, auth)) = self.auth.remove(&id) else {
             warn!("result for unknown password job {id}");
             return;
         };
+        self.password_sojourn = now.saturating_duration_since(submitted);
         let (reply, result) = self.finish_auth(now, auth, outcome);
         self.reply(now, reply, result);
     }
@@ -843,15 +850,30 @@ impl Server {
         Token(t)
     }
 
-    fn submit_job(&mut self, kind: crate::password::JobKind, auth: Auth) -> Result<(), ErrorCode> {
+    /// Queues a password job, or answers "busy": when the queue is full, or when jobs wait so
+    /// long (the last one took more than `password_max_wait_ms` from submission to result, and
+    /// others are still waiting) that a new one would outlast its client's retransmissions. A
+    /// client told "busy" can retry; one that gave up waiting learns nothing, and its hash
+    /// would be wasted work.
+    fn submit_job(
+        &mut self,
+        now: Instant,
+        kind: crate::password::JobKind,
+        auth: Auth,
+    ) -> Result<(), ErrorCode> {
         if self.auth.len() >= self.cfg.password_queue as usize {
             self.stats.busy += 1;
+            return Err(ErrorCode::Busy);
+        }
+        if !self.auth.is_empty() && self.password_sojourn > self.cfg.password_max_wait() {
+            self.stats.busy += 1;
+            self.stats.busy_slow += 1;
             return Err(ErrorCode::Busy);
         }
         let id = self.next_job_id;
         self.next_job_id += 1;
         self.jobs.push_back(PasswordJob { id, kind });
-        self.auth.insert(id, auth);
+        self.auth.insert(id, (now, auth));
         Ok(())
     }
 

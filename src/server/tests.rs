@@ -1053,3 +1053,41 @@ fn only_a_logout_gets_the_cached_logout_reply() {
         );
     }
 }
+
+#[test]
+fn logins_are_refused_busy_while_password_jobs_wait_too_long() {
+    let mut h = H::with(ServerConfig { password_max_wait_ms: 3000, ..test_config() });
+    h.register("alice", "password").unwrap();
+    let login = |h: &mut H, port: u16| {
+        let (id, bytes) = h.encode(
+            None,
+            RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] },
+        );
+        h.server.handle(h.now, a(port), &bytes);
+        id
+    };
+    // Two logins queue; the first takes 4 s to come back (a storm ahead of it).
+    login(&mut h, 11);
+    login(&mut h, 12);
+    let jobs: Vec<_> = std::iter::from_fn(|| h.server.poll_password_job()).collect();
+    assert_eq!(jobs.len(), 2);
+    h.now += Duration::from_secs(4);
+    let mut jobs = jobs.into_iter();
+    let (id, outcome) = jobs.next().unwrap().run();
+    h.server.on_password_done(h.now, id, outcome);
+    // A third is told "busy" at once instead of waiting past its client's retransmissions.
+    let third = login(&mut h, 13);
+    h.turn(); // the first login's session commits; replies leave
+    let out = h.drain();
+    let busy = out.iter().any(|t| {
+        t.to == a(13)
+            && matches!(proto::decode_server(&t.bytes),
+                Ok(ServerMsg::Reply { id, result: Err(ErrorCode::Busy) }) if id == third)
+    });
+    assert!(busy, "{out:?}");
+    assert_eq!(h.server.stats().busy_slow, 1);
+    // Once the queue is empty, logins are taken again.
+    let (id, outcome) = jobs.next().unwrap().run();
+    h.server.on_password_done(h.now, id, outcome);
+    assert!(h.login_from(a(14), "alice", "password").is_ok());
+}

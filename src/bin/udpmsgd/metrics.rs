@@ -251,8 +251,14 @@ pub fn render(core: &Server, shell: &ShellCounters) -> String {
     metric(
         "busy_total",
         "counter",
-        "Requests refused as busy (password queue or session table full).",
+        "Requests refused as busy (password queue full or too slow, or session table full).",
         &[("", s.busy)],
+    );
+    metric(
+        "busy_password_slow_total",
+        "counter",
+        "Of those, refused because password jobs waited longer than password_max_wait_ms.",
+        &[("", s.busy_slow)],
     );
     out
 }
