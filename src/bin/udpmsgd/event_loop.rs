@@ -176,7 +176,7 @@ pub fn run(
             }
         }
         let now = Instant::now();
-        while let Some(done) = store.try_done() {
+        while let Some(done) = store.try_done()? {
             store_busy = false;
             apply_done(&mut core, now, done)?;
         }

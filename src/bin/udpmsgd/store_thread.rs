@@ -70,9 +70,14 @@ impl StoreThread {
         }
     }
 
-    /// A finished job, without blocking.
-    pub fn try_done(&self) -> Option<Done> {
-        self.done.try_recv().ok()
+    /// A finished job, without blocking. An error if the thread is gone (it panicked): the
+    /// daemon must stop rather than hold every reply for a commit that never comes.
+    pub fn try_done(&self) -> Result<Option<Done>, String> {
+        match self.done.try_recv() {
+            Ok(done) => Ok(Some(done)),
+            Err(mpsc::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::TryRecvError::Disconnected) => Err("the store thread stopped unexpectedly".into()),
+        }
     }
 
     /// The next finished job, waiting for it (at shutdown). `None` if the thread is gone.
