@@ -262,8 +262,10 @@ impl Server {
             login_by_addr,
             register_by_addr,
         };
+        let ages: HashMap<Token, u64> = snapshot.session_ages.into_iter().collect();
         for (token, user) in snapshot.sessions {
-            server.restore_session(now, token, user);
+            let age = Duration::from_secs(ages.get(&token).copied().unwrap_or(0));
+            server.restore_session(now, token, user, age);
         }
         for (token, id, reply) in snapshot.last_replies {
             if let Some(s) = server.sessions.get_mut(&token) {
@@ -275,11 +277,12 @@ impl Server {
 
     /// Brings back a stored session. Its push address is learned from the client's next
     /// datagram; what it may not have received is queued for it, as on login.
-    fn restore_session(&mut self, now: Instant, token: Token, user: String) {
+    fn restore_session(&mut self, now: Instant, token: Token, user: String, age: Duration) {
         let Some(acc) = self.users.get_mut(&user) else { return };
         acc.sessions.push(token);
         let mut s = Session::new(user, token.session_id(), None, now, self.cfg.push_rto());
         s.live = true;
+        s.age_at_start = age;
         let missed = acc.inbox.iter().filter(|m| m.message.id > acc.last_delivered);
         let skip = missed.clone().count().saturating_sub(self.cfg.catch_up_max as usize);
         s.queue.extend(missed.skip(skip).cloned());
@@ -538,7 +541,7 @@ impl Server {
             }
             s.scheduled = None;
             let idle_end = s.last_seen + self.cfg.session_idle_timeout();
-            let life_end = s.created + self.cfg.session_max_lifetime();
+            let life_end = s.lifetime_end(self.cfg.session_max_lifetime());
             if now >= idle_end || now >= life_end {
                 self.stats.sessions_expired += 1;
                 info!(
@@ -665,6 +668,7 @@ impl Server {
         self.users = accounts_from(durable.accounts, durable.subscriptions, now);
         self.next_message_id = self.next_message_id.max(durable.next_message_id);
         let stored: HashMap<Token, String> = durable.sessions.into_iter().collect();
+        let ages: HashMap<Token, u64> = durable.session_ages.into_iter().collect();
         // Sessions the failed batch closed come back exactly as they were (push numbering,
         // windows, de-duplication); those it opened go.
         for (_, token, s) in std::mem::take(&mut self.closing) {
@@ -682,7 +686,8 @@ impl Server {
         }
         for (token, user) in stored {
             if !self.sessions.contains_key(&token) {
-                self.restore_session(now, token, user);
+                let age = Duration::from_secs(ages.get(&token).copied().unwrap_or(0));
+                self.restore_session(now, token, user, age);
             }
         }
         warn!(
@@ -880,8 +885,8 @@ impl Server {
     /// Puts the session's earliest deadline into the timer heap.
     fn schedule(&mut self, token: Token, _now: Instant) {
         let Some(s) = self.sessions.get_mut(&token) else { return };
-        let expiry =
-            (s.last_seen + self.cfg.session_idle_timeout()).min(s.created + self.cfg.session_max_lifetime());
+        let expiry = (s.last_seen + self.cfg.session_idle_timeout())
+            .min(s.lifetime_end(self.cfg.session_max_lifetime()));
         let next = s.next_deadline(expiry);
         if s.scheduled.is_none_or(|t| next < t) {
             s.scheduled = Some(next);

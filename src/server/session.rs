@@ -6,7 +6,7 @@ use crate::rtt::{RtoConfig, RttEstimator};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A push sent and not yet acknowledged.
 #[derive(Debug)]
@@ -127,6 +127,9 @@ pub(crate) struct Session {
     /// Where pushes go; `None` after a restart until the client is heard from.
     pub addr: Option<SocketAddr>,
     pub created: Instant,
+    /// How old the session already was when this run took it over from storage: its absolute
+    /// lifetime counts across daemon restarts.
+    pub age_at_start: Duration,
     pub last_seen: Instant,
     /// Pushes wait until the session's creation has been committed.
     pub live: bool,
@@ -158,6 +161,7 @@ impl Session {
             acked_early: BTreeMap::new(),
             addr,
             created: now,
+            age_at_start: Duration::ZERO,
             last_seen: now,
             live: false,
             unresponsive: false,
@@ -236,6 +240,11 @@ impl Session {
             self.acked_early.pop_first();
         }
         Some(through)
+    }
+
+    /// When the session's absolute lifetime ends, counting the time it lived in earlier runs.
+    pub fn lifetime_end(&self, max_lifetime: Duration) -> Instant {
+        self.created + max_lifetime.saturating_sub(self.age_at_start)
     }
 
     /// Earliest moment something has to happen for this session, given its expiry.

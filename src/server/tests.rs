@@ -1091,3 +1091,22 @@ fn logins_are_refused_busy_while_password_jobs_wait_too_long() {
     h.server.on_password_done(h.now, id, outcome);
     assert!(h.login_from(a(14), "alice", "password").is_ok());
 }
+
+#[test]
+fn a_session_brought_back_from_storage_keeps_its_age() {
+    let cfg =
+        ServerConfig { session_max_lifetime_secs: 3600, session_idle_timeout_secs: 86_400, ..test_config() };
+    let mut h = H::with(cfg.clone());
+    let old = h.user("alice", 1);
+    let young = h.login_from(a(2), "alice", "password").unwrap();
+    // A restart: the store says the first session is 59 minutes old, the second 1 minute.
+    h.store.begin_epoch().unwrap();
+    let mut snap = h.store.load().unwrap();
+    snap.session_ages = vec![(old, 59 * 60), (young, 60)];
+    h.server =
+        Server::new(cfg, HashParams::TEST, snap, Box::new(rand::rngs::StdRng::seed_from_u64(5)), h.now);
+    assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Ok(Response::Pong));
+    h.advance(Duration::from_secs(61));
+    assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Err(ErrorCode::SessionExpired), "an hour in all");
+    assert_eq!(h.req(a(2), Some(young), RequestBody::Ping), Ok(Response::Pong));
+}

@@ -129,6 +129,8 @@ impl Store for MemoryStore {
                 .collect(),
             subscriptions: self.subscriptions.iter().cloned().collect(),
             sessions: self.sessions.iter().map(|(t, u)| (*t, u.clone())).collect(),
+            // Memory storage does not outlive the process: no session is older than this run.
+            session_ages: Vec::new(),
             last_replies: self
                 .last_replies
                 .iter()

@@ -87,6 +87,9 @@ pub struct Snapshot {
     /// (follower, followed)
     pub subscriptions: Vec<(String, String)>,
     pub sessions: Vec<(Token, String)>,
+    /// Seconds since each stored session was opened, by the store's clock (absent: unknown, 0),
+    /// so that `session_max_lifetime_secs` counts across restarts.
+    pub session_ages: Vec<(Token, u64)>,
     /// (session, request id, encoded reply) from [`Write::LastReply`].
     pub last_replies: Vec<(Token, u64, Vec<u8>)>,
     /// One more than the highest message id ever stored (ids are never reused).

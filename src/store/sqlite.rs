@@ -25,7 +25,8 @@ use std::path::{Path, PathBuf};
 /// 1: accounts, subscriptions, messages, inbox, sessions, meta.
 /// 2: sessions remember their last reply (retransmissions across a restart run once).
 /// 3: accounts get ids; a message row lists its recipients' ids; the inbox table goes (a post to
-///    100 subscribers was 100 inbox rows, plus a trim of each inbox per batch).
+///    100 subscribers was 100 inbox rows, plus a trim of each inbox per batch). Sessions
+///    remember when they were opened (Unix seconds), so their lifetime counts across restarts.
 pub const SCHEMA_VERSION: i64 = 3;
 
 pub const DB_FILE: &str = "udpmsg.db";
@@ -245,6 +246,8 @@ impl SqliteStore {
              UPDATE accounts SET id = rowid;
              CREATE UNIQUE INDEX accounts_id ON accounts (id);
              ALTER TABLE messages ADD COLUMN recipients BLOB NOT NULL DEFAULT x'';
+             ALTER TABLE sessions ADD COLUMN created INTEGER NOT NULL DEFAULT 0;
+             UPDATE sessions SET created = CAST(strftime('%s', 'now') AS INTEGER);
              INSERT INTO meta (key, value) SELECT 'next_account_id', COALESCE(MAX(id), 0) + 1 FROM accounts
                  WHERE true ON CONFLICT (key) DO UPDATE SET value = excluded.value;",
         )
@@ -343,20 +346,24 @@ impl SqliteStore {
         for s in subs.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
             snap.subscriptions.push(s?);
         }
-        let mut sessions =
-            self.conn.prepare("SELECT token, user_name, last_request_id, last_reply FROM sessions")?;
+        let mut sessions = self.conn.prepare(
+            "SELECT token, user_name, last_request_id, last_reply, \
+                 MAX(0, CAST(strftime('%s', 'now') AS INTEGER) - created) FROM sessions",
+        )?;
         let rows = sessions.query_map([], |r| {
             Ok((
                 r.get::<_, Vec<u8>>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, Option<i64>>(2)?,
                 r.get::<_, Option<Vec<u8>>>(3)?,
+                r.get::<_, i64>(4)?,
             ))
         })?;
         for s in rows {
-            let (t, user, last_id, last_reply) = s?;
+            let (t, user, last_id, last_reply, age) = s?;
             if let Ok(bytes) = <[u8; 16]>::try_from(t.as_slice()) {
                 snap.sessions.push((Token(bytes), user));
+                snap.session_ages.push((Token(bytes), age as u64));
                 if let (Some(id), Some(reply)) = (last_id, last_reply) {
                     snap.last_replies.push((Token(bytes), id as u64, reply));
                 }
@@ -495,8 +502,11 @@ fn apply(
                 .execute(params![user, *up_to as i64])?;
             }
             Write::OpenSession { token, user } => {
-                tx.prepare_cached("INSERT OR REPLACE INTO sessions (token, user_name) VALUES (?1, ?2)")?
-                    .execute(params![&token.0[..], user])?;
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO sessions (token, user_name, created) \
+                     VALUES (?1, ?2, CAST(strftime('%s', 'now') AS INTEGER))",
+                )?
+                .execute(params![&token.0[..], user])?;
             }
             Write::LastReply { token, request_id, reply } => {
                 tx.prepare_cached(
@@ -832,5 +842,23 @@ mod tests {
         assert_eq!(ids, vec![1, 2, 3]);
         let version: i64 = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn sessions_come_back_with_their_age() {
+        let dir = Dir::new("ages");
+        let t = Token([9; 16]);
+        {
+            let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+            s.commit(&[
+                Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
+                Write::OpenSession { token: t, user: "alice".into() },
+            ])
+            .unwrap();
+            s.conn.execute("UPDATE sessions SET created = created - 3600", []).unwrap();
+        }
+        let snap = reopen(&dir, 10);
+        let age = snap.session_ages.iter().find(|(tok, _)| *tok == t).unwrap().1;
+        assert!((3600..3660).contains(&age), "{age}");
     }
 }
