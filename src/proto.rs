@@ -1,7 +1,7 @@
 //! Wire types and codec for protocol v2.
 //!
-//! History: v1 was the first; v2 added [`ClientMsg::PushAcks`]. A v1 daemon could not read a v2
-//! client's batched acks, so the version changed: each side now says so instead of losing pushes.
+//! History: v1 was the first; v2 added [`ClientMsg::PushAcks`] and [`ServerMsg::Pushes`]. A v1
+//! peer cannot read either, so the version changed: each side now says so instead of losing pushes.
 //!
 //! # Framing
 //!
@@ -239,10 +239,25 @@ pub enum ServerMsg {
         seq: u64,
         message: Message,
     },
+    /// Several pushes of one session in one datagram (2 to [`MAX_PUSH_BATCH`]): `messages[i]`
+    /// has sequence number `first_seq + i`. The daemon packs what it releases to a session at
+    /// once (a burst of posts, a catch-up) as long as it fits a datagram; each push is still
+    /// acked, and retransmitted alone, by its own sequence number.
+    Pushes {
+        session: u64,
+        epoch: u32,
+        first_seq: u64,
+        messages: Vec<Message>,
+    },
 }
+
+/// Most pushes in one [`ServerMsg::Pushes`].
+pub const MAX_PUSH_BATCH: usize = 32;
 
 /// Wire index of [`ServerMsg::Push`]; the push encoder writes it by hand (see [`encode_push`]).
 const SERVER_MSG_PUSH_TAG: u8 = 1;
+/// Wire index of [`ServerMsg::Pushes`] (see [`encode_pushes`]).
+const SERVER_MSG_PUSHES_TAG: u8 = 2;
 
 /// A stored message as the users see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -526,7 +541,15 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientMsg, DecodeError> {
 }
 
 pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
-    decode_body(check_header(bytes, SERVER_MAGIC)?)
+    let msg: ServerMsg = decode_body(check_header(bytes, SERVER_MAGIC)?)?;
+    if let ServerMsg::Pushes { messages, first_seq, .. } = &msg {
+        // One way to say each thing: a single push is a Push; and the numbers must not wrap.
+        let fits = first_seq.checked_add((messages.len() as u64).saturating_sub(1)).is_some();
+        if !(2..=MAX_PUSH_BATCH).contains(&messages.len()) || !fits {
+            return Err(DecodeError::Body);
+        }
+    }
+    Ok(msg)
 }
 
 /// The answer to a datagram of another protocol version: just our header.
@@ -597,6 +620,32 @@ pub fn encode_push(session: u64, epoch: u32, seq: u64, msg: &EncodedMessage, out
     push_varint(seq, out);
     out.extend_from_slice(&msg.wire);
 }
+
+/// Encodes `ServerMsg::Pushes { session, epoch, first_seq, messages }` into `out` from messages
+/// encoded once. Produces exactly the bytes `encode_server` would (a unit test holds it to that).
+pub fn encode_pushes(
+    session: u64,
+    epoch: u32,
+    first_seq: u64,
+    msgs: &[std::sync::Arc<EncodedMessage>],
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.extend_from_slice(&SERVER_MAGIC);
+    out.push(VERSION);
+    out.push(SERVER_MSG_PUSHES_TAG);
+    push_varint(session, out);
+    push_varint(u64::from(epoch), out);
+    push_varint(first_seq, out);
+    push_varint(msgs.len() as u64, out);
+    for m in msgs {
+        out.extend_from_slice(&m.wire);
+    }
+}
+
+/// The most bytes a `Pushes` datagram adds around its messages' own bytes (header, tag, the
+/// three numbers and the count, at their longest).
+pub const PUSHES_OVERHEAD: usize = HEADER_LEN + 1 + 10 + 5 + 10 + 1;
 
 /// postcard's unsigned LEB128 varint.
 fn push_varint(mut v: u64, out: &mut Vec<u8>) {
@@ -697,6 +746,38 @@ mod tests {
         }
         let reply = ServerMsg::Reply { id: 3, result: Err(ErrorCode::TextTooLong { max: 5 }) };
         assert_eq!(decode_server(&encode_server(&reply)), Ok(reply));
+    }
+
+    #[test]
+    fn batched_pushes_encode_once_and_have_one_meaning() {
+        let msgs: Vec<Message> = (0..MAX_PUSH_BATCH as u64)
+            .map(|i| Message { id: 100 + i, author: "bob".into(), to: None, text: format!("m{i}") })
+            .collect();
+        let enc: Vec<std::sync::Arc<EncodedMessage>> =
+            msgs.iter().map(|m| std::sync::Arc::new(EncodedMessage::new(m.clone()))).collect();
+        for (n, session, epoch, first_seq) in
+            [(2, 0, 1u32, 1u64), (MAX_PUSH_BATCH, u64::MAX, u32::MAX, 1 << 40)]
+        {
+            let mut manual = Vec::new();
+            encode_pushes(session, epoch, first_seq, &enc[..n], &mut manual);
+            let generic = ServerMsg::Pushes { session, epoch, first_seq, messages: msgs[..n].to_vec() };
+            assert_eq!(manual, encode_server(&generic));
+            assert_eq!(decode_server(&manual), Ok(generic));
+            let wires: usize = enc[..n].iter().map(|m| m.wire_len()).sum();
+            assert!(manual.len() <= PUSHES_OVERHEAD + wires);
+        }
+        // One push is a Push; none, too many, or numbers that wrap are refused.
+        let pushes = |first_seq, n: usize| {
+            encode_server(&ServerMsg::Pushes {
+                session: 1,
+                epoch: 1,
+                first_seq,
+                messages: msgs.iter().cycle().take(n).cloned().collect(),
+            })
+        };
+        for bytes in [pushes(1, 0), pushes(1, 1), pushes(1, MAX_PUSH_BATCH + 1), pushes(u64::MAX, 2)] {
+            assert_eq!(decode_server(&bytes), Err(DecodeError::Body));
+        }
     }
 
     #[test]

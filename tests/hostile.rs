@@ -641,6 +641,9 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
                 Ok(ServerMsg::Push { message, .. }) => {
                     panic!("socket {i}: a push to a hostile socket: {message:?}")
                 }
+                Ok(ServerMsg::Pushes { messages, .. }) => {
+                    panic!("socket {i}: pushes to a hostile socket: {messages:?}")
+                }
                 Err(_) if g[..] == proto::version_notice()[..] => notices += 1,
                 Err(e) => panic!("socket {i}: undecodable answer ({e}): {g:02x?}"),
             }

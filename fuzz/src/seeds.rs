@@ -132,6 +132,15 @@ pub fn server_datagrams() -> Vec<(String, Vec<u8>)> {
         proto::encode_server(&ServerMsg::Push { session: 7, epoch: 3, seq: 1, message: msg(9, None, "hi") }),
     ));
     v.push((
+        "pushes".into(),
+        proto::encode_server(&ServerMsg::Pushes {
+            session: 7,
+            epoch: 3,
+            first_seq: 2,
+            messages: vec![msg(10, None, "one"), msg(11, Some("eve"), "two")],
+        }),
+    ));
+    v.push((
         "push-direct-longest".into(),
         proto::encode_server(&ServerMsg::Push {
             session: u64::MAX,

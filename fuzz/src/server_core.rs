@@ -396,6 +396,12 @@ impl Harness {
                         self.alice_acks.push(seq);
                     }
                 }
+                Ok(ServerMsg::Pushes { first_seq, messages, .. }) => {
+                    assert!(self.session_addrs.contains(&to), "pushes to {to}, which never held a session");
+                    if to == ALICE {
+                        self.alice_acks.extend((first_seq..).take(messages.len()));
+                    }
+                }
                 Ok(ServerMsg::Reply { id, result }) => {
                     let Some(sent) = self.requests.get(&(to, id)).copied() else {
                         panic!("a reply #{id} to {to}, which never sent request #{id}: {result:?}")

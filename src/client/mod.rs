@@ -350,6 +350,11 @@ impl Client {
             ServerMsg::Push { session, epoch, seq, message } => {
                 self.on_push(now, session, epoch, seq, message)
             }
+            ServerMsg::Pushes { session, epoch, first_seq, messages } => {
+                for (seq, message) in (first_seq..).zip(messages) {
+                    self.on_push(now, session, epoch, seq, message);
+                }
+            }
             ServerMsg::Reply { id, result } => self.on_reply(now, id, result),
         }
     }

@@ -251,3 +251,29 @@ fn pushes_read_together_are_acked_in_one_datagram() {
         assert!(bytes.len() <= proto::MAX_DATAGRAM && proto::decode_client(&bytes) == Ok(a));
     }
 }
+
+#[test]
+fn a_batch_of_pushes_is_shown_in_order_and_acked_in_one_datagram() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    let token = login(&mut c, t0);
+    let m = |id: u64| Message { id, author: "bob".into(), to: None, text: format!("m{id}") };
+    let batch = ServerMsg::Pushes {
+        session: token.session_id(),
+        epoch: 1,
+        first_seq: 2,
+        messages: vec![m(12), m(13)],
+    };
+    c.handle(t0, addr(), &encode_server(&batch));
+    assert_eq!(c.poll_event(), None, "held until 1 arrives");
+    let one = ServerMsg::Push { session: token.session_id(), epoch: 1, seq: 1, message: m(11) };
+    c.handle(t0, addr(), &encode_server(&one));
+    assert_eq!(sent(&mut c), vec![ClientMsg::PushAcks { token, seqs: vec![2, 3, 1] }]);
+    for id in [11, 12, 13] {
+        assert_eq!(c.poll_event(), Some(Event::Push(m(id))));
+    }
+    // Another session's batch is neither shown nor acked.
+    let other = ServerMsg::Pushes { session: 1, epoch: 1, first_seq: 4, messages: vec![m(14), m(15)] };
+    c.handle(t0, addr(), &encode_server(&other));
+    assert!(sent(&mut c).is_empty() && c.poll_event().is_none());
+}

@@ -619,17 +619,25 @@ impl Server {
                 other => later.push(other),
             }
         }
+        // Every message of the batch is queued before any session is pumped, so that what a
+        // session gets from one commit leaves in as few datagrams as fit.
+        let mut touched = Vec::new();
         for h in later {
             match h {
                 Held::Reply(_, t, _) => self.out.push_back(t),
                 Held::Activate(token) => {
                     if let Some(s) = self.sessions.get_mut(&token) {
                         s.live = true;
-                        self.pump(now, token);
+                        touched.push(token);
                     }
                 }
-                Held::Fanout(msg, recipients) => self.fanout(now, &msg, &recipients),
+                Held::Fanout(msg, recipients) => self.fanout(&msg, &recipients, &mut touched),
             }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        for token in touched {
+            self.pump(now, token);
         }
     }
 
@@ -938,8 +946,9 @@ impl Server {
         }
     }
 
-    /// Forwards a committed message to every live session of every recipient.
-    fn fanout(&mut self, now: Instant, msg: &Arc<EncodedMessage>, recipients: &[String]) {
+    /// Queues a committed message for every live session of every recipient; the sessions are
+    /// added to `touched` for the caller to pump.
+    fn fanout(&mut self, msg: &Arc<EncodedMessage>, recipients: &[String], touched: &mut Vec<Token>) {
         let max_queue = self.cfg.push_queue as usize;
         for user in recipients {
             // Borrowed out for the loop instead of cloned per recipient: pumping never changes
@@ -952,7 +961,7 @@ impl Server {
                     if s.enqueue(msg.clone(), max_queue) {
                         self.stats.pushes_dropped += 1;
                     }
-                    self.pump(now, token);
+                    touched.push(token);
                 }
             }
             if let Some(acc) = self.users.get_mut(user) {

@@ -199,23 +199,39 @@ impl Session {
             return 0;
         }
         let mut sent = 0;
-        while self.inflight.len() < window {
-            let Some(msg) = self.queue.pop_front() else { break };
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            let mut bytes = Vec::with_capacity(proto::HEADER_LEN + 10 + msg.wire_len());
-            proto::encode_push(self.id, epoch, seq, &msg, &mut bytes);
+        let mut group: Vec<Arc<EncodedMessage>> = Vec::new();
+        while self.inflight.len() < window && !self.queue.is_empty() {
+            // As many queued messages as the window, the batch limit and one datagram allow.
+            group.clear();
+            let mut size = proto::PUSHES_OVERHEAD;
+            while self.inflight.len() + group.len() < window && group.len() < proto::MAX_PUSH_BATCH {
+                let Some(next) = self.queue.front() else { break };
+                if !group.is_empty() && size + next.wire_len() > proto::MAX_DATAGRAM {
+                    break;
+                }
+                size += next.wire_len();
+                group.push(self.queue.pop_front().expect("peeked"));
+            }
+            let first_seq = self.next_seq;
+            self.next_seq += group.len() as u64;
+            let mut bytes = Vec::with_capacity(size);
+            match &group[..] {
+                [one] => proto::encode_push(self.id, epoch, first_seq, one, &mut bytes),
+                many => proto::encode_pushes(self.id, epoch, first_seq, many, &mut bytes),
+            }
             out(addr, bytes);
             let deadline = now + self.rtt.backoff(1);
-            self.inflight.push_back(Inflight {
-                seq,
-                msg,
-                first_sent: now,
-                tries: 1,
-                retransmitted: false,
-                deadline,
-            });
-            sent += 1;
+            for (seq, msg) in (first_seq..).zip(group.drain(..)) {
+                self.inflight.push_back(Inflight {
+                    seq,
+                    msg,
+                    first_sent: now,
+                    tries: 1,
+                    retransmitted: false,
+                    deadline,
+                });
+                sent += 1;
+            }
         }
         sent
     }

@@ -146,8 +146,12 @@ impl H {
     fn pushes(&mut self) -> Vec<(SocketAddr, u64, Message)> {
         let mut v = Vec::new();
         for t in self.other.drain(..).chain(std::iter::from_fn(|| self.server.poll_transmit())) {
-            if let Ok(ServerMsg::Push { seq, message, .. }) = proto::decode_server(&t.bytes) {
-                v.push((t.to, seq, message));
+            match proto::decode_server(&t.bytes) {
+                Ok(ServerMsg::Push { seq, message, .. }) => v.push((t.to, seq, message)),
+                Ok(ServerMsg::Pushes { first_seq, messages, .. }) => {
+                    v.extend((first_seq..).zip(messages).map(|(seq, m)| (t.to, seq, m)))
+                }
+                _ => {}
             }
         }
         v
@@ -1109,4 +1113,46 @@ fn a_session_brought_back_from_storage_keeps_its_age() {
     h.advance(Duration::from_secs(61));
     assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Err(ErrorCode::SessionExpired), "an hour in all");
     assert_eq!(h.req(a(2), Some(young), RequestBody::Ping), Ok(Response::Pong));
+}
+
+#[test]
+fn what_one_commit_releases_to_a_session_leaves_in_one_datagram() {
+    let mut h = H::with(ServerConfig { push_window: 3, ..test_config() });
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    // Five posts in one turn: one batch, one commit.
+    for i in 0..5 {
+        let (_, bytes) = h.encode(Some(bob), RequestBody::Post { text: format!("m{i}") });
+        h.server.handle(h.now, a(2), &bytes);
+    }
+    h.turn();
+    let to_alice = |out: &[Transmit]| -> Vec<ServerMsg> {
+        out.iter()
+            .filter(|t| t.to == a(1))
+            .map(|t| proto::decode_server(&t.bytes).unwrap())
+            .filter(|m| !matches!(m, ServerMsg::Reply { .. }))
+            .collect()
+    };
+    let first = to_alice(&h.drain());
+    let texts = |ms: &[Message]| ms.iter().map(|m| m.text.clone()).collect::<Vec<_>>();
+    let [ServerMsg::Pushes { first_seq: 1, messages, .. }] = &first[..] else { panic!("{first:?}") };
+    assert_eq!(texts(messages), ["m0", "m1", "m2"], "the window (3) bounds the datagram");
+    let bytes = proto::encode_client(&ClientMsg::PushAcks { token: alice, seqs: vec![1, 2, 3] });
+    h.server.handle(h.now, a(1), &bytes);
+    h.turn();
+    let second = to_alice(&h.drain());
+    let [ServerMsg::Pushes { first_seq: 4, messages, .. }] = &second[..] else { panic!("{second:?}") };
+    assert_eq!(texts(messages), ["m3", "m4"]);
+    // Unacked, each is retransmitted on its own, as a plain Push.
+    h.advance(Duration::from_secs(1));
+    let again = to_alice(&h.drain());
+    let seqs: Vec<u64> = again
+        .iter()
+        .map(|m| match m {
+            ServerMsg::Push { seq, .. } => *seq,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(seqs, [4, 5]);
 }
