@@ -72,7 +72,7 @@ impl Drop for PasswordPool {
 }
 
 /// How much less CPU priority a password worker has than the event loop.
-const WORKER_NICE: libc::c_int = 5;
+const WORKER_NICE: libc::c_int = 10;
 
 /// Lowers the calling thread's priority (on Linux `setpriority` with `PRIO_PROCESS` and a
 /// thread id applies to that thread only). Failure only costs fairness: logged, not fatal.
