@@ -55,6 +55,11 @@ pub struct Posters {
     pub hist: Histogram,
     pub start: Instant,
     pub last_ack: Instant,
+    /// With pacing: each poster's time between posts, when each may post next, and those whose
+    /// previous post is acked and who wait for that time.
+    interval: Option<Duration>,
+    next_at: Vec<Instant>,
+    waiting: Vec<usize>,
 }
 
 impl Posters {
@@ -88,7 +93,16 @@ impl Posters {
             hist: Histogram::default(),
             start: now,
             last_ack: now,
+            interval: None,
+            next_at: vec![now; n_clients],
+            waiting: Vec::new(),
         }
+    }
+
+    /// Each poster posts at most once per `interval`, on a fixed schedule (a post that comes
+    /// back late is followed at once, not twice), instead of as soon as it is acked.
+    pub fn pace(&mut self, interval: Duration) {
+        self.interval = Some(interval);
     }
 
     pub fn owns(&self, i: usize) -> bool {
@@ -108,6 +122,14 @@ impl Posters {
             self.stopped = true;
             return;
         }
+        if let Some(interval) = self.interval {
+            if now < self.next_at[i] {
+                self.waiting.push(i);
+                return;
+            }
+            // The schedule, unless this poster fell behind it by more than one interval.
+            self.next_at[i] = (self.next_at[i] + interval).max(now);
+        }
         let text = stamped_text(self.t0, now, self.text_len);
         if sim.submit(i, Command::Post { text }, now).is_ok() {
             self.submitted += 1;
@@ -118,14 +140,34 @@ impl Posters {
     pub fn start(&mut self, sim: &mut Sim, now: Instant) {
         self.start = now;
         self.last_ack = now;
-        for k in 0..self.posters.len() {
+        let n = self.posters.len();
+        for k in 0..n {
             let i = self.posters[k];
+            // Paced posters start spread over one interval.
+            if let Some(interval) = self.interval {
+                self.next_at[i] = now + interval.mul_f64(k as f64 / n as f64);
+            }
             self.post(sim, i, now);
         }
     }
 
     pub fn finished(&self) -> bool {
         self.stopped && self.outstanding() == 0
+    }
+
+    /// Paced posters whose time has come post now.
+    pub fn release_due(&mut self, sim: &mut Sim, now: Instant) {
+        let next_at = &self.next_at;
+        let (due, wait): (Vec<usize>, Vec<usize>) = self.waiting.iter().partition(|&&i| next_at[i] <= now);
+        self.waiting = wait;
+        for i in due {
+            self.post(sim, i, now);
+        }
+    }
+
+    /// When the next paced poster may post.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.waiting.iter().map(|&i| self.next_at[i]).min()
     }
 }
 
@@ -151,16 +193,17 @@ impl Behavior for Posters {
     }
 
     fn tick(&mut self, sim: &mut Sim, now: Instant) {
-        if self.submitted == 0 && !self.stopped {
+        if self.submitted == 0 && !self.stopped && self.waiting.is_empty() {
             self.start(sim, now);
         }
         if now >= self.stop_at {
             self.stopped = true;
         }
+        self.release_due(sim, now);
     }
 
     fn next_tick(&self) -> Option<Instant> {
-        (!self.stopped).then_some(self.stop_at)
+        (!self.stopped).then(|| self.next_due().map_or(self.stop_at, |t| t.min(self.stop_at)))
     }
 
     fn done(&self) -> bool {
@@ -392,6 +435,7 @@ impl Behavior for Fanout {
         if now >= self.posters.stop_at {
             self.posters.stopped = true;
         }
+        self.posters.release_due(sim, now);
         if let Some(s) = &mut self.storm {
             s.tick(sim, now);
         }
@@ -399,7 +443,8 @@ impl Behavior for Fanout {
 
     fn next_tick(&self) -> Option<Instant> {
         let now = Instant::now();
-        let a = (!self.posters.stopped).then_some(self.posters.stop_at);
+        let a = (!self.posters.stopped)
+            .then(|| self.posters.next_due().map_or(self.posters.stop_at, |t| t.min(self.posters.stop_at)));
         let b = self.storm.as_ref().and_then(|s| s.next_tick(now));
         match (a, b) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -104,6 +104,10 @@ struct Args {
     /// Workloads 3 and 4: subscribers (each follows every poster).
     #[arg(long, value_name = "N")]
     subscribers: Option<usize>,
+    /// Workloads 3 and 4: posts per second in all, spread evenly over the posters (default: as
+    /// fast as the acks come back). For latency at a given load rather than at saturation.
+    #[arg(long, value_name = "N")]
+    post_rate: Option<f64>,
     /// Workload 4: logins per second.
     #[arg(long, value_name = "N")]
     storm_rate: Option<f64>,
@@ -247,6 +251,7 @@ fn opts(args: &Args) -> Opts {
         fanout_posts: pick(args.fanout_posts, 60, 1_000_000),
         posters: picku(args.posters, 3, 10),
         subscribers: picku(args.subscribers, 10, 100),
+        post_rate: args.post_rate.filter(|r| *r > 0.0),
         storm_rate,
         storm_logins,
         storm_users: if q { 2 } else { 10 },

@@ -26,6 +26,9 @@ pub struct Opts {
     pub fanout_posts: u64,
     pub posters: usize,
     pub subscribers: usize,
+    /// Workloads 3 and 4: posts per second in all, spread evenly over the posters (`None`: each
+    /// poster posts again as soon as its previous post is acked).
+    pub post_rate: Option<f64>,
     pub storm_rate: f64,
     pub storm_logins: u64,
     pub storm_users: usize,
@@ -292,7 +295,10 @@ pub fn fanout(ctx: &Ctx, id: u32, with_storm: bool) -> Result<WorkloadResult, St
     ctx.hook(&ctx.hooks.0);
     let stop_at = Instant::now() + o.duration;
     let n = sim.clients.len();
-    let p = Posters::new(ctx.t0, n, posters.clone(), o.fanout_posts, stop_at, o.text_bytes);
+    let mut p = Posters::new(ctx.t0, n, posters.clone(), o.fanout_posts, stop_at, o.text_bytes);
+    if let Some(rate) = o.post_rate {
+        p.pace(Duration::from_secs_f64(o.posters as f64 / rate));
+    }
     let s = Subscribers::new(ctx.t0, n, &subs);
     let storm = with_storm.then(|| {
         Storm::new(
@@ -327,6 +333,7 @@ pub fn fanout(ctx: &Ctx, id: u32, with_storm: bool) -> Result<WorkloadResult, St
     cpu_details(&mut r, cpu);
     let d = &mut r.details;
     d.insert("posters".into(), json!(o.posters));
+    d.insert("post_rate".into(), json!(o.post_rate));
     d.insert("subscribers".into(), json!(o.subscribers));
     d.insert("posts_requested".into(), json!(f.posters.target));
     d.insert("posts_submitted".into(), json!(f.posters.submitted));
