@@ -89,9 +89,9 @@ pub struct ServerConfig {
     /// Threads that hash and verify passwords off the event loop, and their bounded queue.
     pub password_workers: u32,
     pub password_queue: u32,
-    /// Once password jobs take longer than this from submission to result, new ones are
-    /// answered "busy" until the queue has caught up, rather than queued past the point where
-    /// the client stops retransmitting.
+    /// Once the oldest queued password job has waited longer than this, new ones are answered
+    /// "busy" until the queue has caught up, rather than queued past the point where the
+    /// client stops retransmitting.
     pub password_max_wait_ms: u64,
     /// Login attempts allowed in a burst per account name and per source address, and the
     /// seconds after which one more is allowed. An attempt holds a token while it is checked and

@@ -544,7 +544,8 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
     let msg: ServerMsg = decode_body(check_header(bytes, SERVER_MAGIC)?)?;
     if let ServerMsg::Pushes { messages, first_seq, .. } = &msg {
         // One way to say each thing: a single push is a Push; and the numbers must not wrap.
-        let fits = first_seq.checked_add((messages.len() as u64).saturating_sub(1)).is_some();
+        // The seq after the last must exist too: a receiver counts past the last one.
+        let fits = first_seq.checked_add(messages.len() as u64).is_some();
         if !(2..=MAX_PUSH_BATCH).contains(&messages.len()) || !fits {
             return Err(DecodeError::Body);
         }
@@ -775,7 +776,7 @@ mod tests {
                 messages: msgs.iter().cycle().take(n).cloned().collect(),
             })
         };
-        for bytes in [pushes(1, 0), pushes(1, 1), pushes(1, MAX_PUSH_BATCH + 1), pushes(u64::MAX, 2)] {
+        for bytes in [pushes(1, 0), pushes(1, 1), pushes(1, MAX_PUSH_BATCH + 1), pushes(u64::MAX - 1, 2)] {
             assert_eq!(decode_server(&bytes), Err(DecodeError::Body));
         }
     }

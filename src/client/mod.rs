@@ -351,8 +351,8 @@ impl Client {
                 self.on_push(now, session, epoch, seq, message)
             }
             ServerMsg::Pushes { session, epoch, first_seq, messages } => {
-                for (seq, message) in (first_seq..).zip(messages) {
-                    self.on_push(now, session, epoch, seq, message);
+                for (i, message) in messages.into_iter().enumerate() {
+                    self.on_push(now, session, epoch, first_seq.saturating_add(i as u64), message);
                 }
             }
             ServerMsg::Reply { id, result } => self.on_reply(now, id, result),

@@ -170,10 +170,9 @@ pub struct Server {
     replies: ReplyCache,
     timers: BinaryHeap<Reverse<(Instant, Token)>>,
     jobs: VecDeque<PasswordJob>,
-    /// Password jobs queued or running, with when they were submitted.
-    auth: HashMap<u64, (Instant, Auth)>,
-    /// How long the last finished password job took from submission to result.
-    password_sojourn: Duration,
+    /// Password jobs queued or running, with when they were submitted; ids grow with time, so
+    /// the first entry is the one waiting longest.
+    auth: BTreeMap<u64, (Instant, Auth)>,
     next_job_id: u64,
     out: VecDeque<Transmit>,
     held: VecDeque<(u64, Held)>,
@@ -244,8 +243,7 @@ impl Server {
             epoch: snapshot.epoch,
             timers: BinaryHeap::new(),
             jobs: VecDeque::new(),
-            auth: HashMap::new(),
-            password_sojourn: Duration::ZERO,
+            auth: BTreeMap::new(),
             next_job_id: 1,
             out: VecDeque::new(),
             held: VecDeque::new(),
@@ -515,11 +513,10 @@ impl Server {
 
     /// Reports a finished password job.
     pub fn on_password_done(&mut self, now: Instant, id: u64, outcome: PasswordOutcome) {
-        let Some((submitted, auth)) = self.auth.remove(&id) else {
+        let Some((_, auth)) = self.auth.remove(&id) else {
             warn!("result for unknown password job {id}");
             return;
         };
-        self.password_sojourn = now.saturating_duration_since(submitted);
         let (reply, result) = self.finish_auth(now, auth, outcome);
         self.reply(now, reply, result);
     }
@@ -725,6 +722,14 @@ impl Server {
                 _ => None,
             })
             .collect();
+        for user in &durable.recreated {
+            if self.users.contains_key(user) && !pending.contains(user) && !self.reserved.contains(user) {
+                // Not a password change: a new account under the old name. Nothing of the old one
+                // (inbox, relations, sessions) may carry over; the loop below adds the new one.
+                info!("account {user} was deleted and added again by an admin");
+                self.delete_account(user, false);
+            }
+        }
         let mut stored = accounts_from(durable.accounts, durable.subscriptions, now);
         stored.retain(|user, _| !pending.contains(user));
         let gone: Vec<String> = self
@@ -863,11 +868,10 @@ impl Server {
         Token(t)
     }
 
-    /// Queues a password job, or answers "busy": when the queue is full, or when jobs wait so
-    /// long (the last one took more than `password_max_wait_ms` from submission to result, and
-    /// others are still waiting) that a new one would outlast its client's retransmissions. A
-    /// client told "busy" can retry; one that gave up waiting learns nothing, and its hash
-    /// would be wasted work.
+    /// Queues a password job, or answers "busy": when the queue is full, or when the job waiting
+    /// longest has waited more than `password_max_wait_ms` (a new one would wait longer and
+    /// outlast its client's retransmissions; this also catches stalled workers). A client told
+    /// "busy" can retry; one that gave up waiting learns nothing, and its hash would be wasted.
     fn submit_job(
         &mut self,
         now: Instant,
@@ -878,7 +882,8 @@ impl Server {
             self.stats.busy += 1;
             return Err(ErrorCode::Busy);
         }
-        if !self.auth.is_empty() && self.password_sojourn > self.cfg.password_max_wait() {
+        let oldest = self.auth.first_key_value().map(|(_, (submitted, _))| *submitted);
+        if oldest.is_some_and(|t| now.saturating_duration_since(t) > self.cfg.password_max_wait()) {
             self.stats.busy += 1;
             self.stats.busy_slow += 1;
             return Err(ErrorCode::Busy);

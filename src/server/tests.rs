@@ -1156,3 +1156,34 @@ fn what_one_commit_releases_to_a_session_leaves_in_one_datagram() {
         .collect();
     assert_eq!(seqs, [4, 5]);
 }
+
+#[test]
+fn an_account_an_admin_deleted_and_added_again_inherits_nothing() {
+    let mut h = H::new();
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    h.req(a(2), Some(bob), RequestBody::Send { to: "alice".into(), text: "private".into() }).unwrap();
+    assert_eq!(h.server.inbox_ids("alice").len(), 1);
+    // Between two checks an admin deleted alice and created her again: same name, new account.
+    let mut durable = h.store.load().unwrap();
+    for acc in &mut durable.accounts {
+        if acc.user == "alice" {
+            acc.inbox.clear();
+            acc.password_hash = crate::password::hash("new-password", HashParams::TEST).unwrap();
+        }
+    }
+    durable.subscriptions.retain(|(f, g)| f != "alice" && g != "alice");
+    durable.recreated = vec!["alice".into()];
+    h.server.sync_accounts(h.now, durable);
+    h.turn();
+    assert!(h.server.inbox_ids("alice").is_empty(), "the old alice's messages are not the new one's");
+    assert_eq!(h.req(a(1), Some(alice), RequestBody::Ping), Err(ErrorCode::NotLoggedIn));
+    let new = h.login_from(a(3), "alice", "new-password").unwrap();
+    let Ok(Response::Relations { entries, .. }) =
+        h.req(a(3), Some(new), RequestBody::Subscriptions { after: None })
+    else {
+        panic!()
+    };
+    assert!(entries.is_empty(), "{entries:?}");
+}

@@ -131,6 +131,8 @@ impl Store for MemoryStore {
             sessions: self.sessions.iter().map(|(t, u)| (*t, u.clone())).collect(),
             // Memory storage does not outlive the process: no session is older than this run.
             session_ages: Vec::new(),
+            // Only the daemon writes a memory store.
+            recreated: Vec::new(),
             last_replies: self
                 .last_replies
                 .iter()

@@ -90,6 +90,9 @@ pub struct Snapshot {
     /// Seconds since each stored session was opened, by the store's clock (absent: unknown, 0),
     /// so that `session_max_lifetime_secs` counts across restarts.
     pub session_ages: Vec<(Token, u64)>,
+    /// Names that belong to another account than at the store's previous load: deleted and
+    /// added again (by an admin command) in between. The new owner inherits nothing.
+    pub recreated: Vec<String>,
     /// (session, request id, encoded reply) from [`Write::LastReply`].
     pub last_replies: Vec<(Token, u64, Vec<u8>)>,
     /// One more than the highest message id ever stored (ids are never reused).

@@ -208,6 +208,15 @@ impl SqliteStore {
                 self.path.display()
             )));
         }
+        if version < SCHEMA_VERSION && self._lock.is_none() {
+            // An admin command beside a running daemon of an older version: migrating under it
+            // would break it (schema 3 drops a table it writes to).
+            return Err(StoreError(format!(
+                "{}: the database has schema version {version} and a daemon is running on it; stop it \
+                 (or start this version's udpmsgd, which migrates it) before using this command",
+                self.path.display()
+            )));
+        }
         if version < 1 {
             let tx = self.conn.transaction().map_err(|e| err(&self.path, "cannot migrate", e))?;
             tx.execute_batch(SCHEMA_V1).map_err(|e| err(&self.path, "cannot create the schema", e))?;
@@ -559,7 +568,12 @@ impl Store for SqliteStore {
         if let Some(snap) = self.loaded.take() {
             return Ok(snap);
         }
-        let (snap, ids, _) = self.read_all().map_err(|e| err(&self.path, "cannot read", e))?;
+        let (mut snap, ids, _) = self.read_all().map_err(|e| err(&self.path, "cannot read", e))?;
+        snap.recreated = ids
+            .iter()
+            .filter(|(name, id)| self.ids.get(*name).is_some_and(|old| old != *id))
+            .map(|(name, _)| name.clone())
+            .collect();
         self.ids = ids;
         Ok(snap)
     }
@@ -860,5 +874,54 @@ mod tests {
         let snap = reopen(&dir, 10);
         let age = snap.session_ages.iter().find(|(tok, _)| *tok == t).unwrap().1;
         assert!((3600..3660).contains(&age), "{age}");
+    }
+
+    #[test]
+    fn a_name_deleted_and_added_again_beside_the_daemon_is_reported() {
+        let dir = Dir::new("recreated");
+        let mut daemon = SqliteStore::open(&dir.0, 10).unwrap();
+        daemon.begin_epoch().unwrap();
+        daemon
+            .commit(&[
+                Write::CreateAccount { user: "alice".into(), password_hash: "h1".into() },
+                Write::CreateAccount { user: "bob".into(), password_hash: "h1".into() },
+            ])
+            .unwrap();
+        assert!(daemon.load().unwrap().recreated.is_empty());
+        let mut admin = SqliteStore::open_as(&dir.0, 10, Access::Admin).unwrap();
+        admin.commit(&[Write::DeleteAccount { user: "alice".into() }]).unwrap();
+        admin.commit(&[Write::CreateAccount { user: "alice".into(), password_hash: "h2".into() }]).unwrap();
+        admin.commit(&[Write::SetPassword { user: "bob".into(), password_hash: "h2".into() }]).unwrap();
+        assert!(daemon.changed_externally().unwrap());
+        let snap = daemon.load().unwrap();
+        assert_eq!(snap.recreated, vec!["alice".to_string()], "bob only changed his password");
+        assert!(daemon.load().unwrap().recreated.is_empty(), "reported once");
+    }
+
+    #[test]
+    fn an_admin_command_does_not_migrate_under_a_running_daemon() {
+        let dir = Dir::new("admin-migrate");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        {
+            let conn = Connection::open(dir.0.join(DB_FILE)).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(MIGRATE_V2).unwrap();
+            conn.execute_batch("PRAGMA user_version = 2;").unwrap();
+        }
+        // An older daemon holds the directory.
+        let held = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.0.join(LOCK_FILE))
+            .unwrap();
+        held.try_lock().unwrap();
+        let err = SqliteStore::open_as(&dir.0, 10, Access::Admin).err().unwrap();
+        assert!(err.0.contains("schema version 2") && err.0.contains("daemon is running"), "{err}");
+        drop(held);
+        let s = SqliteStore::open_as(&dir.0, 10, Access::Admin).unwrap();
+        let version: i64 = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION, "alone, it migrates");
     }
 }
