@@ -1,6 +1,7 @@
 //! Shared by the binaries: sending on a non-blocking UDP socket without ever treating a full
 //! send buffer as fatal, and moving datagrams in batches (`recvmmsg`/`sendmmsg` on Linux, one
-//! system call per batch; one call per datagram elsewhere).
+//! system call per batch; one call per datagram elsewhere). The one `unsafe` block is the
+//! `sendmmsg` call.
 
 use log::debug;
 use mio::net::UdpSocket;
@@ -20,22 +21,12 @@ pub struct Outbox {
     pub dropped: u64,
     pub sent: u64,
     pub bytes_sent: u64,
-    #[cfg(target_os = "linux")]
-    headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
 }
 
 #[allow(dead_code)] // each binary uses its part
 impl Outbox {
     pub fn new(max: usize) -> Self {
-        Outbox {
-            queue: VecDeque::new(),
-            max,
-            dropped: 0,
-            sent: 0,
-            bytes_sent: 0,
-            #[cfg(target_os = "linux")]
-            headers: nix::sys::socket::MultiHeaders::preallocate(BATCH, None),
-        }
+        Outbox { queue: VecDeque::new(), max, dropped: 0, sent: 0, bytes_sent: 0 }
     }
 
     /// Sends now if possible, otherwise queues. Returns false if the datagram was dropped
@@ -70,36 +61,50 @@ impl Outbox {
         true
     }
 
-    /// Sends what was queued, until the socket would block again.
+    /// Sends what was queued, until the socket would block again: `sendmmsg`, up to `BATCH`
+    /// datagrams per call. (Straight through libc: nix's wrapper walks address storage that a
+    /// send never fills when it counts the results.)
     #[cfg(target_os = "linux")]
     pub fn flush(&mut self, sock: &UdpSocket) {
-        use nix::sys::socket::{sendmmsg, MsgFlags, SockaddrStorage};
-        use std::io::IoSlice;
         use std::os::fd::AsRawFd;
         while !self.queue.is_empty() {
             let n = self.queue.len().min(BATCH);
-            let slices: Vec<[IoSlice<'_>; 1]> =
-                self.queue.iter().take(n).map(|(_, b)| [IoSlice::new(b)]).collect();
-            let addrs: Vec<Option<SockaddrStorage>> =
-                self.queue.iter().take(n).map(|(to, _)| Some(SockaddrStorage::from(*to))).collect();
-            let result =
-                sendmmsg(sock.as_raw_fd(), &mut self.headers, &slices, &addrs, [], MsgFlags::empty())
-                    .map(|r| r.count());
-            drop(slices);
-            match result {
-                Ok(sent) => {
-                    for (_, bytes) in self.queue.drain(..sent) {
-                        self.sent += 1;
-                        self.bytes_sent += bytes.len() as u64;
-                    }
-                    // Fewer than asked: the next call says why (full buffer or a refusal).
-                    if sent == 0 {
-                        return;
-                    }
+            let addrs: Vec<socket2::SockAddr> =
+                self.queue.iter().take(n).map(|(to, _)| socket2::SockAddr::from(*to)).collect();
+            let mut iovs: Vec<libc::iovec> = self
+                .queue
+                .iter()
+                .take(n)
+                .map(|(_, b)| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() })
+                .collect();
+            let mut msgs: Vec<libc::mmsghdr> = (0..n)
+                .map(|i| {
+                    // SAFETY: all-zero is a valid msghdr (null pointers, zero lengths).
+                    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+                    hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
+                    hdr.msg_namelen = addrs[i].len();
+                    hdr.msg_iov = &mut iovs[i];
+                    hdr.msg_iovlen = 1;
+                    libc::mmsghdr { msg_hdr: hdr, msg_len: 0 }
+                })
+                .collect();
+            // SAFETY: `msgs` holds `n` headers whose name and iovec pointers point into `addrs`,
+            // `iovs` and the queued buffers, all alive and unmoved until the call returns; the
+            // kernel only reads them (and writes each `msg_len`).
+            let sent = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), n as libc::c_uint, 0) };
+            if sent > 0 {
+                for (_, bytes) in self.queue.drain(..sent as usize) {
+                    self.sent += 1;
+                    self.bytes_sent += bytes.len() as u64;
                 }
-                Err(nix::errno::Errno::EAGAIN) => return,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => {
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock => return,
+                io::ErrorKind::Interrupted => {}
+                _ if sent == 0 => return,
+                _ => {
                     // The first datagram was refused (e.g. by a firewall): drop it, go on.
                     let (to, _) = self.queue.pop_front().expect("not empty");
                     debug!("send to {to} failed: {e}");

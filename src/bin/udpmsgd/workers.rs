@@ -80,8 +80,11 @@ fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
         let tid = nix::unistd::gettid().as_raw() as libc::id_t;
-        // SAFETY: setpriority takes plain integers and touches no memory of ours.
-        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, WORKER_NICE) };
+        // Relative to the daemon's own niceness (getpriority can return -1 legitimately; the
+        // worst case of misreading it is a nice of 9).
+        // SAFETY: getpriority and setpriority take plain integers and touch no memory of ours.
+        let current = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+        let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, (current + WORKER_NICE).min(19)) };
         if r != 0 {
             log::warn!("cannot lower the password workers' priority: {}", std::io::Error::last_os_error());
         }
