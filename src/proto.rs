@@ -612,13 +612,7 @@ impl EncodedMessage {
 /// message again.
 /// Produces exactly the bytes `encode_server` would (a unit test holds it to that).
 pub fn encode_push(session: u64, epoch: u32, seq: u64, msg: &EncodedMessage, out: &mut Vec<u8>) {
-    out.clear();
-    out.extend_from_slice(&SERVER_MAGIC);
-    out.push(VERSION);
-    out.push(SERVER_MSG_PUSH_TAG);
-    push_varint(session, out);
-    push_varint(u64::from(epoch), out);
-    push_varint(seq, out);
+    push_header(SERVER_MSG_PUSH_TAG, session, epoch, seq, out);
     out.extend_from_slice(&msg.wire);
 }
 
@@ -631,17 +625,22 @@ pub fn encode_pushes(
     msgs: &[std::sync::Arc<EncodedMessage>],
     out: &mut Vec<u8>,
 ) {
-    out.clear();
-    out.extend_from_slice(&SERVER_MAGIC);
-    out.push(VERSION);
-    out.push(SERVER_MSG_PUSHES_TAG);
-    push_varint(session, out);
-    push_varint(u64::from(epoch), out);
-    push_varint(first_seq, out);
+    push_header(SERVER_MSG_PUSHES_TAG, session, epoch, first_seq, out);
     push_varint(msgs.len() as u64, out);
     for m in msgs {
         out.extend_from_slice(&m.wire);
     }
+}
+
+/// The frame and the fields both push messages start with (`out` is cleared first).
+fn push_header(tag: u8, session: u64, epoch: u32, seq: u64, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&SERVER_MAGIC);
+    out.push(VERSION);
+    out.push(tag);
+    push_varint(session, out);
+    push_varint(u64::from(epoch), out);
+    push_varint(seq, out);
 }
 
 /// The most bytes a `Pushes` datagram adds around its messages' own bytes (header, tag, the
