@@ -522,6 +522,26 @@ pub fn encode_client(msg: &ClientMsg) -> Vec<u8> {
     out
 }
 
+/// Encodes a request as a client sends it. A register or login (what a daemon answers before it
+/// knows the source address is real) is padded to [`MIN_UNAUTHENTICATED_REQUEST`] bytes, so that
+/// no answer is larger than the request (anti-amplification).
+pub fn encode_request(req: Request) -> Vec<u8> {
+    let mut msg = ClientMsg::Request(req);
+    let bytes = encode_client(&msg);
+    let short = MIN_UNAUTHENTICATED_REQUEST.saturating_sub(bytes.len());
+    if let ClientMsg::Request(Request {
+        body: RequestBody::Login { pad, .. } | RequestBody::Register { pad, .. },
+        ..
+    }) = &mut msg
+    {
+        if short > 0 {
+            *pad = vec![0; short];
+            return encode_client(&msg);
+        }
+    }
+    bytes
+}
+
 pub fn encode_server(msg: &ServerMsg) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     encode_into(msg, SERVER_MAGIC, &mut out);
@@ -858,6 +878,22 @@ mod tests {
         assert!(Token([1; 16]).ct_eq(&Token([1; 16])));
         assert!(!Token([1; 16]).ct_eq(&Token([2; 16])));
     }
+    #[test]
+    fn register_and_login_are_padded_and_nothing_else() {
+        let login = RequestBody::Login { user: "a".into(), password: "pw".into(), pad: vec![] };
+        let bytes = encode_request(Request { id: 1, token: None, body: login });
+        assert_eq!(bytes.len(), MIN_UNAUTHENTICATED_REQUEST);
+        assert!(matches!(
+            decode_client(&bytes),
+            Ok(ClientMsg::Request(Request { body: RequestBody::Login { pad, .. }, .. })) if pad.iter().all(|b| *b == 0)
+        ));
+        let ping = encode_request(Request { id: 1, token: None, body: RequestBody::Ping });
+        assert_eq!(
+            ping,
+            encode_client(&ClientMsg::Request(Request { id: 1, token: None, body: RequestBody::Ping }))
+        );
+    }
+
     #[test]
     fn batched_acks_have_one_encoding() {
         let token = Token([7; 16]);

@@ -59,15 +59,7 @@ impl Rng {
 
 /// A request as the client encodes it (register and login padded).
 fn encode(id: u64, token: Option<Token>, body: RequestBody) -> Vec<u8> {
-    let mut req = Request { id, token, body };
-    let mut bytes = proto::encode_client(&ClientMsg::Request(req.clone()));
-    if bytes.len() < proto::MIN_UNAUTHENTICATED_REQUEST {
-        if let RequestBody::Login { pad, .. } | RequestBody::Register { pad, .. } = &mut req.body {
-            *pad = vec![0; proto::MIN_UNAUTHENTICATED_REQUEST - bytes.len()];
-            bytes = proto::encode_client(&ClientMsg::Request(req));
-        }
-    }
-    bytes
+    proto::encode_request(Request { id, token, body })
 }
 
 /// One request from the test's own socket, retransmitted until answered.

@@ -29,7 +29,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 use udpmsg::config::ServerConfig;
 use udpmsg::password::{self, HashParams};
-use udpmsg::proto::{self, ClientMsg, ErrorCode, Request, RequestBody, Response, ServerMsg};
+use udpmsg::proto::{self, ErrorCode, Request, RequestBody, Response, ServerMsg};
 use udpmsg::store::sqlite::SqliteStore;
 use udpmsg::store::{Store, Write};
 
@@ -43,12 +43,7 @@ const MAX_GAP: Duration = Duration::from_secs(1);
 /// A login as the client encodes it (padded).
 fn login(id: u64, user: &str, password: &str) -> Vec<u8> {
     let body = RequestBody::Login { user: user.into(), password: password.into(), pad: vec![] };
-    let mut req = Request { id, token: None, body };
-    let bytes = proto::encode_client(&ClientMsg::Request(req.clone()));
-    if let RequestBody::Login { pad, .. } = &mut req.body {
-        *pad = vec![0; proto::MIN_UNAUTHENTICATED_REQUEST.saturating_sub(bytes.len())];
-    }
-    proto::encode_client(&ClientMsg::Request(req))
+    proto::encode_request(Request { id, token: None, body })
 }
 
 fn name(i: usize) -> String {

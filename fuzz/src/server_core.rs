@@ -137,15 +137,7 @@ pub fn config() -> ServerConfig {
 /// A request as the client encodes it: register and login padded to
 /// [`proto::MIN_UNAUTHENTICATED_REQUEST`].
 pub fn encode_request(id: u64, token: Option<Token>, body: RequestBody) -> Vec<u8> {
-    let mut req = Request { id, token, body };
-    let mut bytes = proto::encode_client(&ClientMsg::Request(req.clone()));
-    if bytes.len() < proto::MIN_UNAUTHENTICATED_REQUEST {
-        if let RequestBody::Login { pad, .. } | RequestBody::Register { pad, .. } = &mut req.body {
-            *pad = vec![0; proto::MIN_UNAUTHENTICATED_REQUEST - bytes.len()];
-            bytes = proto::encode_client(&ClientMsg::Request(req));
-        }
-    }
-    bytes
+    proto::encode_request(Request { id, token, body })
 }
 
 /// The token that the harness replaces with session token `k`.

@@ -309,15 +309,8 @@ impl Client {
             RequestBody::Login { .. } | RequestBody::Register { .. } => None,
             _ => self.session.as_ref().map(|(t, _)| *t),
         };
-        let mut req = Request { id, token, body };
-        let mut bytes = proto::encode_client(&ClientMsg::Request(req.clone()));
-        if token.is_none() && bytes.len() < proto::MIN_UNAUTHENTICATED_REQUEST {
-            // Pad requests without a session so the daemon may answer them (anti-amplification).
-            if let RequestBody::Login { pad, .. } | RequestBody::Register { pad, .. } = &mut req.body {
-                *pad = vec![0; proto::MIN_UNAUTHENTICATED_REQUEST - bytes.len()];
-                bytes = proto::encode_client(&ClientMsg::Request(req));
-            }
-        }
+        // Register and login are padded so the daemon may answer them (anti-amplification).
+        let bytes = proto::encode_request(Request { id, token, body });
         let deadline = now + self.rtt.backoff(1);
         trace!("sending {} #{id} ({} bytes)", op.name(), bytes.len());
         self.out.push_back(bytes.clone());

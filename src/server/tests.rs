@@ -96,15 +96,7 @@ impl H {
     fn encode(&mut self, token: Option<Token>, body: RequestBody) -> (u64, Vec<u8>) {
         let id = self.next_id;
         self.next_id += 1;
-        let mut req = Request { id, token, body };
-        let mut bytes = proto::encode_client(&ClientMsg::Request(req.clone()));
-        if bytes.len() < proto::MIN_UNAUTHENTICATED_REQUEST {
-            if let RequestBody::Login { pad, .. } | RequestBody::Register { pad, .. } = &mut req.body {
-                *pad = vec![0; proto::MIN_UNAUTHENTICATED_REQUEST - bytes.len()];
-                bytes = proto::encode_client(&ClientMsg::Request(req));
-            }
-        }
-        (id, bytes)
+        (id, proto::encode_request(Request { id, token, body }))
     }
 
     /// Sends a request and returns its reply; other datagrams are kept in `other`.
