@@ -638,13 +638,12 @@ pub fn encode_push(session: u64, epoch: u32, seq: u64, msg: &EncodedMessage, out
 
 /// Encodes `ServerMsg::Pushes { session, epoch, first_seq, messages }` into `out` from messages
 /// encoded once. Produces exactly the bytes `encode_server` would (a unit test holds it to that).
-pub fn encode_pushes(
-    session: u64,
-    epoch: u32,
-    first_seq: u64,
-    msgs: &[std::sync::Arc<EncodedMessage>],
-    out: &mut Vec<u8>,
-) {
+pub fn encode_pushes<'a, I>(session: u64, epoch: u32, first_seq: u64, msgs: I, out: &mut Vec<u8>)
+where
+    I: IntoIterator<Item = &'a EncodedMessage>,
+    I::IntoIter: ExactSizeIterator,
+{
+    let msgs = msgs.into_iter();
     push_header(SERVER_MSG_PUSHES_TAG, session, epoch, first_seq, out);
     push_varint(msgs.len() as u64, out);
     for m in msgs {
@@ -779,7 +778,7 @@ mod tests {
             [(2, 0, 1u32, 1u64), (MAX_PUSH_BATCH, u64::MAX, u32::MAX, 1 << 40)]
         {
             let mut manual = Vec::new();
-            encode_pushes(session, epoch, first_seq, &enc[..n], &mut manual);
+            encode_pushes(session, epoch, first_seq, enc[..n].iter().map(|m| &**m), &mut manual);
             let generic = ServerMsg::Pushes { session, epoch, first_seq, messages: msgs[..n].to_vec() };
             assert_eq!(manual, encode_server(&generic));
             assert_eq!(decode_server(&manual), Ok(generic));

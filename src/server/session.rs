@@ -199,29 +199,29 @@ impl Session {
             return 0;
         }
         let mut sent = 0;
-        let mut group: Vec<Arc<EncodedMessage>> = Vec::new();
         while self.inflight.len() < window && !self.queue.is_empty() {
             // As many queued messages as the window, the batch limit and one datagram allow.
-            group.clear();
-            let mut size = proto::PUSHES_OVERHEAD;
-            while self.inflight.len() + group.len() < window && group.len() < proto::MAX_PUSH_BATCH {
-                let Some(next) = self.queue.front() else { break };
-                if !group.is_empty() && size + next.wire_len() > proto::MAX_DATAGRAM {
+            let room = (window - self.inflight.len()).min(proto::MAX_PUSH_BATCH);
+            let (mut n, mut size) = (0, proto::PUSHES_OVERHEAD);
+            for next in self.queue.iter().take(room) {
+                if n > 0 && size + next.wire_len() > proto::MAX_DATAGRAM {
                     break;
                 }
                 size += next.wire_len();
-                group.push(self.queue.pop_front().expect("peeked"));
+                n += 1;
             }
             let first_seq = self.next_seq;
-            self.next_seq += group.len() as u64;
+            self.next_seq += n as u64;
             let mut bytes = Vec::with_capacity(size);
-            match &group[..] {
-                [one] => proto::encode_push(self.id, epoch, first_seq, one, &mut bytes),
-                many => proto::encode_pushes(self.id, epoch, first_seq, many, &mut bytes),
+            if n == 1 {
+                proto::encode_push(self.id, epoch, first_seq, &self.queue[0], &mut bytes);
+            } else {
+                let msgs = self.queue.iter().take(n).map(|m| &**m);
+                proto::encode_pushes(self.id, epoch, first_seq, msgs, &mut bytes);
             }
             out(addr, bytes);
             let deadline = now + self.rtt.backoff(1);
-            for (seq, msg) in (first_seq..).zip(group.drain(..)) {
+            for (seq, msg) in (first_seq..).zip(self.queue.drain(..n)) {
                 self.inflight.push_back(Inflight {
                     seq,
                     msg,
