@@ -19,6 +19,11 @@ fn client(now: Instant) -> Client {
     Client::new(cfg, addr(), 100, now)
 }
 
+/// A message from bob, numbered `id`, with text "m{id}".
+fn msg(id: u64) -> Message {
+    Message { id, author: "bob".into(), to: None, text: format!("m{id}") }
+}
+
 fn sent(c: &mut Client) -> Vec<ClientMsg> {
     std::iter::from_fn(|| c.poll_transmit()).map(|b| decode_client(&b).unwrap()).collect()
 }
@@ -143,7 +148,6 @@ fn pushes_are_acked_shown_once_and_in_order() {
     let t0 = Instant::now();
     let mut c = client(t0);
     let token = login(&mut c, t0);
-    let m = |id: u64| Message { id, author: "bob".into(), to: None, text: format!("m{id}") };
     let push = |c: &mut Client, seq: u64, msg: Message| {
         c.handle(
             t0,
@@ -151,25 +155,25 @@ fn pushes_are_acked_shown_once_and_in_order() {
             &encode_server(&ServerMsg::Push { session: token.session_id(), epoch: 1, seq, message: msg }),
         );
     };
-    push(&mut c, 2, m(12));
+    push(&mut c, 2, msg(12));
     assert_eq!(sent(&mut c), vec![ClientMsg::PushAck { token, seq: 2 }]);
     assert_eq!(c.poll_event(), None, "held until 1 arrives");
-    push(&mut c, 1, m(11));
+    push(&mut c, 1, msg(11));
     assert_eq!(sent(&mut c), vec![ClientMsg::PushAck { token, seq: 1 }]);
-    push(&mut c, 1, m(11));
+    push(&mut c, 1, msg(11));
     assert_eq!(sent(&mut c), vec![ClientMsg::PushAck { token, seq: 1 }], "duplicates are acked again");
-    assert_eq!(c.poll_event(), Some(Event::Push(m(11))));
-    assert_eq!(c.poll_event(), Some(Event::Push(m(12))));
+    assert_eq!(c.poll_event(), Some(Event::Push(msg(11))));
+    assert_eq!(c.poll_event(), Some(Event::Push(msg(12))));
     assert_eq!(c.poll_event(), None);
     // Another session's push (an earlier login, or a forgery) is neither shown nor acked.
-    c.handle(t0, addr(), &encode_server(&ServerMsg::Push { session: 1, epoch: 9, seq: 3, message: m(99) }));
+    c.handle(t0, addr(), &encode_server(&ServerMsg::Push { session: 1, epoch: 9, seq: 3, message: msg(99) }));
     assert!(sent(&mut c).is_empty());
     assert_eq!(c.poll_event(), None);
     // From anyone but the server: ignored.
     c.handle(
         t0,
         "127.0.0.1:9".parse().unwrap(),
-        &encode_server(&ServerMsg::Push { session: token.session_id(), epoch: 1, seq: 3, message: m(13) }),
+        &encode_server(&ServerMsg::Push { session: token.session_id(), epoch: 1, seq: 3, message: msg(13) }),
     );
     assert!(sent(&mut c).is_empty());
 }
@@ -206,15 +210,14 @@ fn retrieve_pages_are_joined_oldest_first() {
     let t0 = Instant::now();
     let mut c = client(t0);
     let _ = login(&mut c, t0);
-    let m = |id: u64| Message { id, author: "bob".into(), to: None, text: format!("m{id}") };
     c.submit(t0, Command::Retrieve { count: 4 }).unwrap();
     let ClientMsg::Request(r) = sent(&mut c).remove(0) else { panic!() };
     assert_eq!(r.body, RequestBody::Retrieve { count: 4, before: None });
-    reply(&mut c, t0, r.id, Ok(Response::Messages { messages: vec![m(7), m(8)], more: true }));
+    reply(&mut c, t0, r.id, Ok(Response::Messages { messages: vec![msg(7), msg(8)], more: true }));
     let ClientMsg::Request(r) = sent(&mut c).remove(0) else { panic!() };
     assert_eq!(r.body, RequestBody::Retrieve { count: 2, before: Some(7) });
-    reply(&mut c, t0, r.id, Ok(Response::Messages { messages: vec![m(3), m(5)], more: false }));
-    assert_eq!(c.poll_event(), Some(Event::Done(Done::Messages(vec![m(3), m(5), m(7), m(8)]))));
+    reply(&mut c, t0, r.id, Ok(Response::Messages { messages: vec![msg(3), msg(5)], more: false }));
+    assert_eq!(c.poll_event(), Some(Event::Done(Done::Messages(vec![msg(3), msg(5), msg(7), msg(8)]))));
 }
 
 #[test]
@@ -222,10 +225,9 @@ fn pushes_read_together_are_acked_in_one_datagram() {
     let t0 = Instant::now();
     let mut c = client(t0);
     let token = login(&mut c, t0);
-    let m = |id: u64| Message { id, author: "bob".into(), to: None, text: format!("m{id}") };
     let push = |c: &mut Client, seq: u64| {
-        let msg = ServerMsg::Push { session: token.session_id(), epoch: 1, seq, message: m(10 + seq) };
-        c.handle(t0, addr(), &encode_server(&msg));
+        let push = ServerMsg::Push { session: token.session_id(), epoch: 1, seq, message: msg(10 + seq) };
+        c.handle(t0, addr(), &encode_server(&push));
     };
     for seq in [2, 1, 3, 3] {
         push(&mut c, seq);
@@ -257,23 +259,22 @@ fn a_batch_of_pushes_is_shown_in_order_and_acked_in_one_datagram() {
     let t0 = Instant::now();
     let mut c = client(t0);
     let token = login(&mut c, t0);
-    let m = |id: u64| Message { id, author: "bob".into(), to: None, text: format!("m{id}") };
     let batch = ServerMsg::Pushes {
         session: token.session_id(),
         epoch: 1,
         first_seq: 2,
-        messages: vec![m(12), m(13)],
+        messages: vec![msg(12), msg(13)],
     };
     c.handle(t0, addr(), &encode_server(&batch));
     assert_eq!(c.poll_event(), None, "held until 1 arrives");
-    let one = ServerMsg::Push { session: token.session_id(), epoch: 1, seq: 1, message: m(11) };
+    let one = ServerMsg::Push { session: token.session_id(), epoch: 1, seq: 1, message: msg(11) };
     c.handle(t0, addr(), &encode_server(&one));
     assert_eq!(sent(&mut c), vec![ClientMsg::PushAcks { token, seqs: vec![2, 3, 1] }]);
     for id in [11, 12, 13] {
-        assert_eq!(c.poll_event(), Some(Event::Push(m(id))));
+        assert_eq!(c.poll_event(), Some(Event::Push(msg(id))));
     }
     // Another session's batch is neither shown nor acked.
-    let other = ServerMsg::Pushes { session: 1, epoch: 1, first_seq: 4, messages: vec![m(14), m(15)] };
+    let other = ServerMsg::Pushes { session: 1, epoch: 1, first_seq: 4, messages: vec![msg(14), msg(15)] };
     c.handle(t0, addr(), &encode_server(&other));
     assert!(sent(&mut c).is_empty() && c.poll_event().is_none());
 }

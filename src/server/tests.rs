@@ -164,6 +164,20 @@ impl H {
         self.server.handle_timeout(self.now);
         self.turn();
     }
+
+    /// The daemon restarts on the same store: a new epoch, the committed state reloaded.
+    fn restart(&mut self, cfg: ServerConfig) {
+        self.restart_with(cfg, |_| {});
+    }
+
+    /// A restart whose loaded snapshot `edit` changes first (what a store would report).
+    fn restart_with(&mut self, cfg: ServerConfig, edit: impl FnOnce(&mut Snapshot)) {
+        self.store.begin_epoch().unwrap();
+        let mut snap = self.store.load().unwrap();
+        edit(&mut snap);
+        let rng = rand::rngs::StdRng::seed_from_u64(self.next_id);
+        self.server = Server::new(cfg, HashParams::TEST, snap, Box::new(rng), self.now);
+    }
 }
 
 #[test]
@@ -562,10 +576,7 @@ fn state_survives_a_reload_from_the_store() {
     let bob = h.user("bob", 2);
     h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
     h.req(a(2), Some(bob), RequestBody::Post { text: "kept".into() }).unwrap();
-    h.store.begin_epoch().unwrap();
-    let snap = h.store.load().unwrap();
-    let rng = rand::rngs::StdRng::seed_from_u64(8);
-    h.server = Server::new(test_config(), HashParams::TEST, snap, Box::new(rng), h.now);
+    h.restart(test_config());
     // The session token still works, the inbox and subscription are there.
     let Ok(Response::Messages { messages, .. }) =
         h.req(a(1), Some(alice), RequestBody::Retrieve { count: 5, before: None })
@@ -692,15 +703,7 @@ fn a_retransmission_after_a_restart_is_answered_not_executed() {
     let (_, post) = h.encode(Some(bob), RequestBody::Post { text: "once".into() });
     let first: Vec<Transmit> = h.raw(a(2), &post).into_iter().filter(|t| t.to == a(2)).collect();
     // The daemon restarts; the reply was lost, so the client sends the same request again.
-    h.store.begin_epoch().unwrap();
-    let snap = h.store.load().unwrap();
-    h.server = Server::new(
-        test_config(),
-        HashParams::TEST,
-        snap,
-        Box::new(rand::rngs::StdRng::seed_from_u64(9)),
-        h.now,
-    );
+    h.restart(test_config());
     let again: Vec<Transmit> = h.raw(a(2), &post).into_iter().filter(|t| t.to == a(2)).collect();
     assert_eq!(first, again, "the same reply");
     assert_eq!(h.server.inbox_ids("alice"), vec![1], "stored once");
@@ -831,15 +834,7 @@ mod review {
         let (_, first) = h.encode(Some(bob), RequestBody::Post { text: "one".into() });
         h.raw(a(2), &first);
         h.req(a(2), Some(bob), RequestBody::Post { text: "two".into() }).unwrap();
-        h.store.begin_epoch().unwrap();
-        let snap = h.store.load().unwrap();
-        h.server = Server::new(
-            test_config(),
-            HashParams::TEST,
-            snap,
-            Box::new(rand::rngs::StdRng::seed_from_u64(3)),
-            h.now,
-        );
+        h.restart(test_config());
         // The network delivers an old copy of the first post.
         assert!(h.raw(a(2), &first).is_empty());
         assert_eq!(h.server.inbox_ids("alice"), vec![1, 2]);
@@ -1100,11 +1095,7 @@ fn a_session_brought_back_from_storage_keeps_its_age() {
     let old = h.user("alice", 1);
     let young = h.login_from(a(2), "alice", "password").unwrap();
     // A restart: the store says the first session is 59 minutes old, the second 1 minute.
-    h.store.begin_epoch().unwrap();
-    let mut snap = h.store.load().unwrap();
-    snap.session_ages = vec![(old, 59 * 60), (young, 60)];
-    h.server =
-        Server::new(cfg, HashParams::TEST, snap, Box::new(rand::rngs::StdRng::seed_from_u64(5)), h.now);
+    h.restart_with(cfg, |snap| snap.session_ages = vec![(old, 59 * 60), (young, 60)]);
     assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Ok(Response::Pong));
     h.advance(Duration::from_secs(61));
     assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Err(ErrorCode::SessionExpired), "an hour in all");

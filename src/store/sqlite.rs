@@ -727,6 +727,11 @@ mod tests {
         assert!(err.0.contains("udpmsg.db") && err.0.contains("damaged"), "{err}");
         assert_eq!(std::fs::read(dir.0.join(DB_FILE)).unwrap(), vec![0x42u8; 8192], "left untouched");
     }
+    /// The first column of every row of `sql`.
+    fn column(conn: &Connection, sql: &str) -> Vec<i64> {
+        conn.prepare(sql).unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    }
+
     fn inbox(snap: &Snapshot, user: &str) -> Vec<u64> {
         snap.accounts.iter().find(|a| a.user == user).unwrap().inbox.iter().map(|m| m.id).collect()
     }
@@ -765,14 +770,7 @@ mod tests {
         assert_eq!(snap.next_message_id, 6, "the id of an unstored message is not reused");
         // Message 1 is in no inbox of 2 any more: it went at that start.
         let s = SqliteStore::open_as(&dir.0, 2, Access::Admin).unwrap();
-        let ids: Vec<i64> = s
-            .conn
-            .prepare("SELECT id FROM messages ORDER BY id")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let ids = column(&s.conn, "SELECT id FROM messages ORDER BY id");
         assert_eq!(ids, vec![2, 4, 5]);
     }
 
@@ -845,14 +843,7 @@ mod tests {
         // New accounts get ids no old account had.
         let mut s = SqliteStore::open_as(&dir.0, 10, Access::Admin).unwrap();
         s.commit(&[Write::CreateAccount { user: "carol".into(), password_hash: "h".into() }]).unwrap();
-        let ids: Vec<i64> = s
-            .conn
-            .prepare("SELECT id FROM accounts ORDER BY name")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect();
+        let ids = column(&s.conn, "SELECT id FROM accounts ORDER BY name");
         assert_eq!(ids, vec![1, 2, 3]);
         let version: i64 = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
