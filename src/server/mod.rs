@@ -260,10 +260,8 @@ impl Server {
             login_by_addr,
             register_by_addr,
         };
-        let ages: HashMap<Token, u64> = snapshot.session_ages.into_iter().collect();
-        for (token, user) in snapshot.sessions {
-            let age = Duration::from_secs(ages.get(&token).copied().unwrap_or(0));
-            server.restore_session(now, token, user, age);
+        for s in snapshot.sessions {
+            server.restore_session(now, s.token, s.user, Duration::from_secs(s.age_secs));
         }
         for (token, id, reply) in snapshot.last_replies {
             if let Some(s) = server.sessions.get_mut(&token) {
@@ -672,8 +670,9 @@ impl Server {
         }
         self.users = accounts_from(durable.accounts, durable.subscriptions, now);
         self.next_message_id = self.next_message_id.max(durable.next_message_id);
-        let stored: HashMap<Token, String> = durable.sessions.into_iter().collect();
-        let ages: HashMap<Token, u64> = durable.session_ages.into_iter().collect();
+        let ages: HashMap<Token, u64> = durable.sessions.iter().map(|s| (s.token, s.age_secs)).collect();
+        let stored: HashMap<Token, String> =
+            durable.sessions.into_iter().map(|s| (s.token, s.user)).collect();
         // Sessions the failed batch closed come back exactly as they were (push numbering,
         // windows, de-duplication); those it opened go.
         for (_, token, s) in std::mem::take(&mut self.closing) {

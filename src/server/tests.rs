@@ -1095,7 +1095,11 @@ fn a_session_brought_back_from_storage_keeps_its_age() {
     let old = h.user("alice", 1);
     let young = h.login_from(a(2), "alice", "password").unwrap();
     // A restart: the store says the first session is 59 minutes old, the second 1 minute.
-    h.restart_with(cfg, |snap| snap.session_ages = vec![(old, 59 * 60), (young, 60)]);
+    h.restart_with(cfg, |snap| {
+        for s in &mut snap.sessions {
+            s.age_secs = if s.token == old { 59 * 60 } else { 60 };
+        }
+    });
     assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Ok(Response::Pong));
     h.advance(Duration::from_secs(61));
     assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Err(ErrorCode::SessionExpired), "an hour in all");

@@ -1,7 +1,7 @@
 //! An in-memory [`Store`]: state lives as long as the value does. Used by tests (a simulated
 //! restart reloads the core from the same `MemoryStore`) and by `storage = "memory"`.
 
-use super::{AccountRecord, Snapshot, Store, StoreError, Write};
+use super::{AccountRecord, Snapshot, Store, StoreError, StoredSession, Write};
 use crate::proto::{Message, Token};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -128,9 +128,12 @@ impl Store for MemoryStore {
                 })
                 .collect(),
             subscriptions: self.subscriptions.iter().cloned().collect(),
-            sessions: self.sessions.iter().map(|(t, u)| (*t, u.clone())).collect(),
             // Memory storage does not outlive the process: no session is older than this run.
-            session_ages: Vec::new(),
+            sessions: self
+                .sessions
+                .iter()
+                .map(|(t, u)| StoredSession { token: *t, user: u.clone(), age_secs: 0 })
+                .collect(),
             // Only the daemon writes a memory store.
             recreated: Vec::new(),
             last_replies: self

@@ -80,16 +80,23 @@ pub struct AccountRecord {
     pub inbox: Vec<Message>,
 }
 
+/// A session as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSession {
+    pub token: Token,
+    pub user: String,
+    /// Seconds since it was opened, by the store's clock (0 if the store cannot tell), so that
+    /// `session_max_lifetime_secs` counts across restarts.
+    pub age_secs: u64,
+}
+
 /// The whole committed state, as loaded at startup.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub accounts: Vec<AccountRecord>,
     /// (follower, followed)
     pub subscriptions: Vec<(String, String)>,
-    pub sessions: Vec<(Token, String)>,
-    /// Seconds since each stored session was opened, by the store's clock (absent: unknown, 0),
-    /// so that `session_max_lifetime_secs` counts across restarts.
-    pub session_ages: Vec<(Token, u64)>,
+    pub sessions: Vec<StoredSession>,
     /// Names that belong to another account than at the store's previous load: deleted and
     /// added again (by an admin command) in between. The new owner inherits nothing.
     pub recreated: Vec<String>,

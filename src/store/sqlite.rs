@@ -14,7 +14,7 @@
 //!
 //! The SQL is plain (no SQLite-only types) so it carries over to PostgreSQL.
 
-use super::{AccountRecord, Snapshot, Store, StoreError, Write};
+use super::{AccountRecord, Snapshot, Store, StoreError, StoredSession, Write};
 use crate::proto::{Message, Token};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
@@ -371,8 +371,7 @@ impl SqliteStore {
         for s in rows {
             let (t, user, last_id, last_reply, age) = s?;
             if let Ok(bytes) = <[u8; 16]>::try_from(t.as_slice()) {
-                snap.sessions.push((Token(bytes), user));
-                snap.session_ages.push((Token(bytes), age as u64));
+                snap.sessions.push(StoredSession { token: Token(bytes), user, age_secs: age as u64 });
                 if let (Some(id), Some(reply)) = (last_id, last_reply) {
                     snap.last_replies.push((Token(bytes), id as u64, reply));
                 }
@@ -657,7 +656,10 @@ mod tests {
         assert_eq!(alice.inbox.iter().map(|m| m.id).collect::<Vec<_>>(), vec![3, 4, 5], "inbox capped at 3");
         assert_eq!(alice.last_delivered, 4);
         assert_eq!(snap.subscriptions, vec![("alice".to_string(), "bob".to_string())]);
-        assert_eq!(snap.sessions, vec![(t, "alice".to_string())]);
+        assert_eq!(
+            snap.sessions.iter().map(|s| (s.token, s.user.as_str())).collect::<Vec<_>>(),
+            [(t, "alice")]
+        );
         assert_eq!(snap.next_message_id, 6);
         assert_eq!(snap.epoch, 2);
     }
@@ -863,7 +865,7 @@ mod tests {
             s.conn.execute("UPDATE sessions SET created = created - 3600", []).unwrap();
         }
         let snap = reopen(&dir, 10);
-        let age = snap.session_ages.iter().find(|(tok, _)| *tok == t).unwrap().1;
+        let age = snap.sessions.iter().find(|s| s.token == t).unwrap().age_secs;
         assert!((3600..3660).contains(&age), "{age}");
     }
 
