@@ -261,29 +261,21 @@ impl SqliteStore {
                  WHERE true ON CONFLICT (key) DO UPDATE SET value = excluded.value;",
         )
         .map_err(e)?;
+        // Each message's recipients, from its inbox rows (rows of deleted accounts drop out).
+        let mut recipients: std::collections::BTreeMap<i64, Vec<u64>> = Default::default();
         {
             let mut rows = tx
-                .prepare(
-                    "SELECT i.message_id, a.id FROM inbox i JOIN accounts a ON a.name = i.user_name \
-                     ORDER BY i.message_id, a.id",
-                )
+                .prepare("SELECT i.message_id, a.id FROM inbox i JOIN accounts a ON a.name = i.user_name")
                 .map_err(e)?;
-            let mut set = tx.prepare("UPDATE messages SET recipients = ?2 WHERE id = ?1").map_err(e)?;
             let mut rows = rows.query([]).map_err(e)?;
-            let mut current: Option<(i64, Vec<u64>)> = None;
-            loop {
-                let next = match rows.next().map_err(e)? {
-                    Some(r) => Some((r.get::<_, i64>(0).map_err(e)?, r.get::<_, i64>(1).map_err(e)? as u64)),
-                    None => None,
-                };
-                if current.as_ref().is_some_and(|(m, _)| next.is_none_or(|(n, _)| n != *m)) {
-                    let (m, ids) = current.take().expect("checked");
-                    set.execute(params![m, encode_ids(&ids)]).map_err(e)?;
-                }
-                match next {
-                    Some((m, id)) => current.get_or_insert_with(|| (m, Vec::new())).1.push(id),
-                    None => break,
-                }
+            while let Some(r) = rows.next().map_err(e)? {
+                let (message, account) = (r.get::<_, i64>(0).map_err(e)?, r.get::<_, i64>(1).map_err(e)?);
+                recipients.entry(message).or_default().push(account as u64);
+            }
+            let mut set = tx.prepare("UPDATE messages SET recipients = ?2 WHERE id = ?1").map_err(e)?;
+            for (message, mut ids) in recipients {
+                ids.sort_unstable();
+                set.execute(params![message, encode_ids(&ids)]).map_err(e)?;
             }
         }
         tx.execute_batch("DELETE FROM messages WHERE recipients = x''; DROP TABLE inbox;").map_err(e)?;
