@@ -93,14 +93,17 @@ pub struct ServerConfig {
     /// "busy" until the queue has caught up, rather than queued past the point where the
     /// client stops retransmitting.
     pub password_max_wait_ms: u64,
-    /// Login attempts allowed in a burst per account name and per source address, and the
-    /// seconds after which one more is allowed. An attempt holds a token while it is checked and
-    /// gives it back on success, so failures (and attempts in progress) count. A throttled login
-    /// costs no hash.
+    /// Login attempts allowed in a burst per account name and source address, per source
+    /// address, and per account name from addresses that never logged in to it; and the seconds
+    /// after which one more is allowed. An attempt holds a token while it is checked and gives
+    /// it back on success, so failures (and attempts in progress) count. A throttled login costs
+    /// no hash. (See `server::login_limits`.)
     pub login_failures_per_user_burst: u32,
     pub login_failures_per_user_refill_secs: u64,
     pub login_failures_per_address_burst: u32,
     pub login_failures_per_address_refill_secs: u64,
+    pub login_failures_per_account_burst: u32,
+    pub login_failures_per_account_refill_secs: u64,
     /// Registrations (attempts that reach hashing) per source address: burst and refill.
     pub registrations_per_address_burst: u32,
     pub registrations_per_address_refill_secs: u64,
@@ -108,6 +111,12 @@ pub struct ServerConfig {
     pub max_accounts: u32,
     /// Requests per second one session may make (bursts of twice that).
     pub session_requests_per_sec: u32,
+    /// Deliveries (one per recipient) per second a user's posts and messages may cause, with
+    /// bursts of ten seconds' worth.
+    pub deliveries_per_user_per_sec: u32,
+    /// Direct messages a user accepts from users they do not follow: burst and refill.
+    pub dms_from_strangers_burst: u32,
+    pub dms_from_strangers_refill_secs: u64,
     /// Log a one-line summary of the counters this often (0: only at exit).
     pub stats_log_interval_secs: u64,
     /// error, warn, info, debug or trace; the `RUST_LOG` environment variable overrides it.
@@ -154,10 +163,15 @@ impl Default for ServerConfig {
             login_failures_per_user_refill_secs: 30,
             login_failures_per_address_burst: 20,
             login_failures_per_address_refill_secs: 3,
+            login_failures_per_account_burst: 100,
+            login_failures_per_account_refill_secs: 36,
             registrations_per_address_burst: 20,
             registrations_per_address_refill_secs: 30,
             max_accounts: 1_000_000,
             session_requests_per_sec: 200,
+            deliveries_per_user_per_sec: 2000,
+            dms_from_strangers_burst: 20,
+            dms_from_strangers_refill_secs: 30,
             stats_log_interval_secs: 300,
             log_level: "info".into(),
             metrics_listen: String::new(),
@@ -230,6 +244,16 @@ impl ServerConfig {
             0,
             86_400,
         )?;
+        range("login_failures_per_account_burst", self.login_failures_per_account_burst, 1, 1_000_000)?;
+        range(
+            "login_failures_per_account_refill_secs",
+            self.login_failures_per_account_refill_secs,
+            0,
+            86_400,
+        )?;
+        range("deliveries_per_user_per_sec", self.deliveries_per_user_per_sec, 1, 100_000_000)?;
+        range("dms_from_strangers_burst", self.dms_from_strangers_burst, 1, 1_000_000)?;
+        range("dms_from_strangers_refill_secs", self.dms_from_strangers_refill_secs, 0, 86_400)?;
         range("max_accounts", self.max_accounts, 1, 100_000_000)?;
         range("session_requests_per_sec", self.session_requests_per_sec, 1, 1_000_000)?;
         range("stats_log_interval_secs", self.stats_log_interval_secs, 0, 86_400)?;

@@ -1,7 +1,12 @@
-//! Wire types and codec for protocol v2.
+//! Wire types and codec for protocol v3.
 //!
-//! History: v1 was the first; v2 added [`ClientMsg::PushAcks`] and [`ServerMsg::Pushes`]. A v1
-//! peer cannot read either, so the version changed: each side now says so instead of losing pushes.
+//! History: v1 was the first; v2 added [`ClientMsg::PushAcks`] and [`ServerMsg::Pushes`]. v3
+//! makes the daemon safe to expose: address validation ([`ServerMsg::PathChallenge`] /
+//! [`ClientMsg::PathResponse`] before a session's pushes move, and [`ServerMsg::Retry`] cookies
+//! before a login or registration costs a hash or creates anything), acks that name the epoch
+//! they acknowledge, the epoch in login and ping answers, a version notice that echoes the
+//! datagram it answers, and the posting time in every [`Message`]. A peer of another version
+//! cannot read these, so each side says so instead of misunderstanding.
 //!
 //! # Framing
 //!
@@ -17,10 +22,12 @@
 //! The two directions have different magic, so no answer can ever be taken for a request. A
 //! body is one value in its canonical encoding, with no trailing data.
 //!
-//! A datagram whose header carries another version is answered by the daemon with a bare header
-//! carrying the daemon's version ([`version_notice`]): three bytes, never more than what it
-//! received, and decodable by a client of any version. Anything else that does not decode gets no
-//! answer at all.
+//! A datagram whose header carries another version is answered by the daemon with its own header,
+//! a tag byte no message starts with, and an echo of up to [`NOTICE_ECHO`] bytes of what came
+//! after the received header ([`version_notice`]): never more than what it received, decodable
+//! by a client of any version (which reads the header only), and tied to the request it answers,
+//! so that a client can tell a real notice from one forged by someone who never saw its request.
+//! Anything else that does not decode gets no answer at all.
 //!
 //! Every datagram is at most [`MAX_DATAGRAM`] bytes so that IP never fragments it; the text limit
 //! follows from that (see [`MAX_TEXT_BYTES`]).
@@ -38,7 +45,7 @@ pub const CLIENT_MAGIC: [u8; 2] = *b"UM";
 /// one daemon and itself) answering each other forever.
 pub const SERVER_MAGIC: [u8; 2] = *b"Um";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Length of the magic + version header.
 pub const HEADER_LEN: usize = 3;
 /// No datagram, in either direction, is ever larger than this.
@@ -121,17 +128,32 @@ impl Token {
     }
 }
 
+/// A stateless proof that the holder receives datagrams at a source address: a MAC of the
+/// address under a secret the daemon rotates every two minutes (see [`ServerMsg::Retry`]). Its
+/// `Debug` never shows the value.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cookie(pub [u8; 16]);
+
+impl fmt::Debug for Cookie {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Cookie(..)")
+    }
+}
+
 /// Everything a client sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientMsg {
     /// A request; the daemon answers with a [`ServerMsg::Reply`] carrying the same `id`.
     Request(Request),
-    /// Acknowledges the push with this per-session sequence number. Never answered.
-    PushAck { token: Token, seq: u64 },
-    /// Acknowledges several pushes of one session at once (2 to [`MAX_ACKS`] sequence numbers,
-    /// each once): a client acks everything one read of its socket brought in a single
+    /// Acknowledges the push with this sequence number of this epoch. Never answered.
+    PushAck { token: Token, epoch: u32, seq: u64 },
+    /// Acknowledges several pushes of one session and epoch at once (2 to [`MAX_ACKS`] sequence
+    /// numbers, each once): a client acks everything one read of its socket brought in a single
     /// datagram. Never answered.
-    PushAcks { token: Token, seqs: Vec<u64> },
+    PushAcks { token: Token, epoch: u32, seqs: Vec<u64> },
+    /// Echoes a [`ServerMsg::PathChallenge`] from the address it reached: the session's pushes
+    /// may move there. Never answered.
+    PathResponse { token: Token, data: u64 },
 }
 
 /// Most sequence numbers in one [`ClientMsg::PushAcks`].
@@ -145,19 +167,24 @@ pub struct Request {
     pub body: RequestBody,
 }
 
-/// The requests of protocol v2 (the same as v1's).
+/// The requests of protocol v3.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestBody {
-    /// Create an account. `pad` brings the datagram to [`MIN_UNAUTHENTICATED_REQUEST`].
+    /// Create an account. `cookie`: the one a [`ServerMsg::Retry`] gave this address (a
+    /// registration always needs one). `pad` brings the datagram to
+    /// [`MIN_UNAUTHENTICATED_REQUEST`].
     Register {
         user: String,
         password: String,
+        cookie: Option<Cookie>,
         pad: Vec<u8>,
     },
-    /// Open a session. `pad` as for `Register`.
+    /// Open a session. `cookie` and `pad` as for `Register` (a login needs a cookie when the
+    /// daemon is busy hashing, or when this address has used up its unproven attempts).
     Login {
         user: String,
         password: String,
+        cookie: Option<Cookie>,
         pad: Vec<u8>,
     },
     /// End the session named by the token.
@@ -249,10 +276,30 @@ pub enum ServerMsg {
         first_seq: u64,
         messages: Vec<Message>,
     },
+    /// Sent to a new source address of a session (a NAT rebinding, a roaming client, or a
+    /// spoofed one): the session's pushes move there once the client echoes `data` from it in a
+    /// [`ClientMsg::PathResponse`]. Until then the address gets nothing but answers, and at most
+    /// three times the bytes it sent.
+    PathChallenge {
+        session: u64,
+        data: u64,
+    },
+    /// Request `id` (a login or registration) needs a proof that its source address is real:
+    /// send it again (under a new id) with this cookie. Stateless on the daemon's side, and
+    /// never larger than the request.
+    Retry {
+        id: u64,
+        cookie: Cookie,
+    },
 }
 
 /// Most pushes in one [`ServerMsg::Pushes`].
 pub const MAX_PUSH_BATCH: usize = 32;
+
+/// Wire index of [`ServerMsg::Reply`] and of [`ServerMsg::Retry`]: the two messages that start
+/// with a request id (a load generator routes them by it without decoding).
+pub const SERVER_MSG_REPLY_TAG: u8 = 0;
+pub const SERVER_MSG_RETRY_TAG: u8 = 4;
 
 /// Wire index of [`ServerMsg::Push`]; the push encoder writes it by hand (see [`encode_push`]).
 const SERVER_MSG_PUSH_TAG: u8 = 1;
@@ -264,6 +311,8 @@ const SERVER_MSG_PUSHES_TAG: u8 = 2;
 pub struct Message {
     /// Unique, increasing in posting order across the whole daemon.
     pub id: u64,
+    /// When the daemon accepted it: milliseconds since the Unix epoch, by the daemon's clock.
+    pub time: u64,
     pub author: String,
     /// `Some(recipient)` for a direct message, `None` for a post to subscribers.
     pub to: Option<String>,
@@ -275,11 +324,12 @@ pub struct Message {
 pub enum Response {
     Registered,
     /// `missed`: messages that arrived while none of the user's sessions was there to receive
-    /// them; the first `catching_up` of them follow as pushes.
+    /// them; the first `catching_up` of them follow as pushes, numbered in `epoch`.
     LoggedIn {
         token: Token,
         missed: u32,
         catching_up: u32,
+        epoch: u32,
     },
     LoggedOut,
     Subscribed,
@@ -301,7 +351,14 @@ pub enum Response {
         names: Vec<String>,
         next: Option<String>,
     },
+    /// The answer to a ping without a token (a health check).
     Pong,
+    /// The answer to a ping with a session: the epoch its pushes are numbered in now (a client
+    /// follows a new epoch, after a daemon restart, only once an answer to its own request has
+    /// named it).
+    SessionPong {
+        epoch: u32,
+    },
     Me {
         user: String,
         sessions: u32,
@@ -379,6 +436,11 @@ pub enum ErrorCode {
     TooManyAccounts {
         max: u32,
     },
+    /// The text contains a control character (only newline is allowed): `code_point` is the
+    /// first one.
+    InvalidText {
+        code_point: u32,
+    },
 }
 
 impl ErrorCode {
@@ -407,6 +469,7 @@ impl ErrorCode {
             RateLimited { .. } => "RateLimited",
             StorageUnavailable => "StorageUnavailable",
             TooManyAccounts { .. } => "TooManyAccounts",
+            InvalidText { .. } => "InvalidText",
         }
     }
 }
@@ -449,6 +512,9 @@ impl fmt::Display for ErrorCode {
             StorageUnavailable => write!(f, "storage unavailable, retry"),
             TooManyAccounts { max } => {
                 write!(f, "registration refused: the server holds its maximum of {max} accounts")
+            }
+            InvalidText { code_point } => {
+                write!(f, "text contains the control character U+{code_point:04X}; only newline is allowed")
             }
         }
     }
@@ -573,11 +639,54 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerMsg, DecodeError> {
     Ok(msg)
 }
 
-/// The answer to a datagram of another protocol version: just our header.
-pub fn version_notice() -> Vec<u8> {
+/// Bytes of a datagram that a version notice echoes, at most.
+pub const NOTICE_ECHO: usize = 15;
+/// The byte between a version notice's header and its echo: no message of any version starts
+/// with it (it is not a valid enum tag), so a notice can never be read as a message.
+pub const NOTICE_TAG: u8 = 0xff;
+
+/// The answer to a datagram of another protocol version: our header, [`NOTICE_TAG`], then up to
+/// [`NOTICE_ECHO`] bytes of what followed the received datagram's header, one byte fewer than
+/// that was (so the notice is never longer than the datagram it answers). A datagram with
+/// nothing after its header gets the bare header.
+pub fn version_notice(received: &[u8]) -> Vec<u8> {
     let mut v = SERVER_MAGIC.to_vec();
     v.push(VERSION);
+    let body = received.get(HEADER_LEN..).unwrap_or_default();
+    if !body.is_empty() {
+        v.push(NOTICE_TAG);
+        v.extend_from_slice(&body[..(body.len() - 1).min(NOTICE_ECHO)]);
+    }
     v
+}
+
+/// Whether a version notice answers the datagram `sent`: it echoes the start of what followed
+/// that datagram's header. A notice without an echo (from a v2 daemon) proves nothing.
+pub fn notice_answers(notice: &[u8], sent: &[u8]) -> bool {
+    let body = sent.get(HEADER_LEN..).unwrap_or_default();
+    match notice.get(HEADER_LEN..) {
+        Some([NOTICE_TAG, echo @ ..]) => {
+            !echo.is_empty() && body.starts_with(echo) && echo.len() == (body.len() - 1).min(NOTICE_ECHO)
+        }
+        _ => false,
+    }
+}
+
+/// The first character of `text` that message text may not contain: a C0 or C1 control other
+/// than newline (a carriage return or a vertical tab would let a message draw over the line
+/// before it, an escape sequence would reach the reader's terminal).
+pub fn forbidden_char(text: &str) -> Option<char> {
+    text.chars().find(|&c| c != '\n' && c.is_control())
+}
+
+/// A string that came from the network, made safe for a log line: escaped (no control
+/// characters reach the log) and cut to `max` characters.
+pub fn quoted(s: &str, max: usize) -> String {
+    let mut out: String = s.chars().take(max).flat_map(char::escape_debug).collect();
+    if s.chars().nth(max).is_some() {
+        out.push_str("...");
+    }
+    format!("\"{out}\"")
 }
 
 /// A message encoded once, so that forwarding it to many sessions only copies bytes.
@@ -731,25 +840,32 @@ mod tests {
             ClientMsg::Request(Request {
                 id: 7,
                 token: None,
-                body: RequestBody::Login { user: "alice".into(), password: "p&ss".into(), pad: vec![0; 40] },
+                body: RequestBody::Login {
+                    user: "alice".into(),
+                    password: "p&ss".into(),
+                    cookie: None,
+                    pad: vec![0; 40],
+                },
             }),
             ClientMsg::Request(Request {
                 id: u64::MAX,
                 token: Some(Token([9; 16])),
                 body: RequestBody::Post { text: "a#b & c".into() },
             }),
-            ClientMsg::PushAck { token: Token([1; 16]), seq: 300 },
+            ClientMsg::PushAck { token: Token([1; 16]), epoch: 7, seq: 300 },
+            ClientMsg::PathResponse { token: Token([2; 16]), data: u64::MAX },
         ];
         for m in msgs {
             let bytes = encode_client(&m);
-            assert_eq!(&bytes[..3], b"UM\x02");
+            assert_eq!(&bytes[..3], b"UM\x03");
             assert_eq!(decode_client(&bytes), Ok(m));
         }
     }
 
     #[test]
     fn server_round_trip_and_push_encoding_matches() {
-        let message = Message { id: 42, author: "bob".into(), to: None, text: "hi".into() };
+        let message =
+            Message { id: 42, time: 1_764_000_000_000, author: "bob".into(), to: None, text: "hi".into() };
         let enc = EncodedMessage::new(message.clone());
         for (session, epoch, seq) in
             [(0, 1u32, 1u64), (u64::MAX, 200, 127), (77, u32::MAX, 128), (1, 7, 1 << 40)]
@@ -770,7 +886,7 @@ mod tests {
     #[test]
     fn batched_pushes_encode_once_and_have_one_meaning() {
         let msgs: Vec<Message> = (0..MAX_PUSH_BATCH as u64)
-            .map(|i| Message { id: 100 + i, author: "bob".into(), to: None, text: format!("m{i}") })
+            .map(|i| Message { id: 100 + i, time: i, author: "bob".into(), to: None, text: format!("m{i}") })
             .collect();
         let enc: Vec<std::sync::Arc<EncodedMessage>> =
             msgs.iter().map(|m| std::sync::Arc::new(EncodedMessage::new(m.clone()))).collect();
@@ -804,27 +920,87 @@ mod tests {
         assert_eq!(decode_client(b"UM"), Err(DecodeError::BadLength));
         assert_eq!(decode_client(b"XX\x02\x00"), Err(DecodeError::BadMagic));
         assert_eq!(decode_client(b"UM\x01\x00"), Err(DecodeError::Version(1)));
-        assert_eq!(decode_client(b"UM\x02"), Err(DecodeError::Body));
+        assert_eq!(decode_client(b"UM\x02\x00"), Err(DecodeError::Version(2)));
+        assert_eq!(decode_client(b"UM\x03"), Err(DecodeError::Body));
         assert_eq!(decode_client(&[0u8; MAX_DATAGRAM + 1]), Err(DecodeError::BadLength));
         // Trailing bytes after a valid body are rejected, so decode/encode round-trips exactly.
-        let mut ok = encode_client(&ClientMsg::PushAck { token: Token([0; 16]), seq: 1 });
+        let mut ok = encode_client(&ClientMsg::PushAck { token: Token([0; 16]), epoch: 1, seq: 1 });
         ok.push(0);
         assert_eq!(decode_client(&ok), Err(DecodeError::Body));
-        assert_eq!(version_notice(), b"Um\x02");
         // Over-long varints (a non-canonical id 0) are not accepted.
-        assert_eq!(decode_client(b"UM\x02\x00\x80\x00\x00\x09"), Err(DecodeError::Body));
+        assert_eq!(decode_client(b"UM\x03\x00\x80\x00\x00\x09"), Err(DecodeError::Body));
         // No answer is ever a request: a Pong is not a Ping, whatever the bytes after the magic.
         let pong = encode_server(&ServerMsg::Reply { id: 42, result: Ok(Response::Pong) });
         assert_eq!(decode_client(&pong), Err(DecodeError::BadMagic));
-        assert_eq!(decode_client(&version_notice()), Err(DecodeError::BadMagic));
+        assert_eq!(decode_client(&version_notice(b"UM\x02\x00\x07")), Err(DecodeError::BadMagic));
+    }
+
+    /// A bare three-byte notice could be forged by anyone who knows the daemon's address, and
+    /// aborted whatever the client was waiting for. It now echoes the request it answers.
+    #[test]
+    fn version_notices_echo_what_they_answer_and_never_grow() {
+        let request = encode_client(&ClientMsg::Request(Request {
+            id: 0x1234_5678,
+            token: Some(Token([9; 16])),
+            body: RequestBody::Ping,
+        }));
+        let mut v2 = request.clone();
+        v2[2] = 2;
+        let notice = version_notice(&v2);
+        assert_eq!(&notice[..4], b"Um\x03\xff");
+        assert_eq!(notice.len(), HEADER_LEN + 1 + NOTICE_ECHO);
+        assert_eq!(decode_server(&notice), Err(DecodeError::Body), "never a message, even of our version");
+        assert!(notice.len() <= v2.len());
+        assert!(notice_answers(&notice, &request));
+        let mut future = notice.clone();
+        future[2] = 4;
+        assert_eq!(decode_server(&future), Err(DecodeError::Version(4)), "any version reads the header");
+        let other = encode_client(&ClientMsg::Request(Request {
+            id: 0x1234_5679,
+            token: Some(Token([9; 16])),
+            body: RequestBody::Ping,
+        }));
+        assert!(!notice_answers(&notice, &other), "another request id");
+        assert!(!notice_answers(b"Um\x02", &request), "a bare header proves nothing");
+        // Short datagrams get a short echo: never more than they had.
+        for n in 0..20 {
+            let short = &v2[..n.min(v2.len())];
+            assert!(version_notice(short).len() <= short.len().max(HEADER_LEN));
+        }
+    }
+
+    #[test]
+    fn messages_that_start_with_a_request_id_have_the_documented_tags() {
+        let reply = encode_server(&ServerMsg::Reply { id: 5, result: Ok(Response::Pong) });
+        let retry = encode_server(&ServerMsg::Retry { id: 5, cookie: Cookie([1; 16]) });
+        assert_eq!(reply[3..5], [SERVER_MSG_REPLY_TAG, 5]);
+        assert_eq!(retry[3..5], [SERVER_MSG_RETRY_TAG, 5]);
+    }
+
+    #[test]
+    fn control_characters_other_than_newline_are_named() {
+        assert_eq!(forbidden_char("hello\nworld"), None);
+        assert_eq!(forbidden_char("hi\u{b}\r[bob -> you] send me your password"), Some('\u{b}'));
+        assert_eq!(forbidden_char("\u{1b}]0;pwned\u{7}"), Some('\u{1b}'));
+        assert_eq!(forbidden_char("tab\there"), Some('\t'));
+        assert_eq!(forbidden_char("c1\u{9b}31m"), Some('\u{9b}'));
+        assert_eq!(forbidden_char("del\u{7f}"), Some('\u{7f}'));
+        assert_eq!(forbidden_char("émoji 🎉 and RTL שלום"), None);
+        assert_eq!(quoted("a\u{1b}[2Jb", 64), "\"a\\u{1b}[2Jb\"");
+        assert_eq!(quoted(&"x".repeat(100), 4), "\"xxxx...\"");
     }
 
     #[test]
     fn largest_frames_fit_one_datagram() {
         let name = long(MAX_NAME_LEN);
         let text = long(MAX_TEXT_BYTES);
-        let message =
-            Message { id: u64::MAX, author: name.clone(), to: Some(name.clone()), text: text.clone() };
+        let message = Message {
+            id: u64::MAX,
+            time: u64::MAX,
+            author: name.clone(),
+            to: Some(name.clone()),
+            text: text.clone(),
+        };
         let push =
             encode_server(&ServerMsg::Push { session: u64::MAX, epoch: u32::MAX, seq: u64::MAX, message });
         assert!(push.len() <= MAX_DATAGRAM, "push is {} bytes", push.len());
@@ -837,7 +1013,12 @@ mod tests {
         let login = encode_client(&ClientMsg::Request(Request {
             id: u64::MAX,
             token: None,
-            body: RequestBody::Login { user: name, password: long(MAX_PASSWORD_LEN), pad: vec![] },
+            body: RequestBody::Login {
+                user: name,
+                password: long(MAX_PASSWORD_LEN),
+                cookie: Some(Cookie([0xff; 16])),
+                pad: vec![],
+            },
         }));
         assert!(login.len() <= MAX_DATAGRAM);
     }
@@ -879,7 +1060,7 @@ mod tests {
     }
     #[test]
     fn register_and_login_are_padded_and_nothing_else() {
-        let login = RequestBody::Login { user: "a".into(), password: "pw".into(), pad: vec![] };
+        let login = RequestBody::Login { user: "a".into(), password: "pw".into(), cookie: None, pad: vec![] };
         let bytes = encode_request(Request { id: 1, token: None, body: login });
         assert_eq!(bytes.len(), MIN_UNAUTHENTICATED_REQUEST);
         assert!(matches!(
@@ -896,8 +1077,8 @@ mod tests {
     #[test]
     fn batched_acks_have_one_encoding() {
         let token = Token([7; 16]);
-        let acks = |seqs: Vec<u64>| encode_client(&ClientMsg::PushAcks { token, seqs });
-        let ok = ClientMsg::PushAcks { token, seqs: vec![3, 1, 2] };
+        let acks = |seqs: Vec<u64>| encode_client(&ClientMsg::PushAcks { token, epoch: u32::MAX, seqs });
+        let ok = ClientMsg::PushAcks { token, epoch: 2, seqs: vec![3, 1, 2] };
         assert_eq!(decode_client(&encode_client(&ok)), Ok(ok));
         let most = acks((1..=MAX_ACKS as u64).map(|s| s * 1_000_000).collect());
         assert!(most.len() <= MAX_DATAGRAM && decode_client(&most).is_ok());

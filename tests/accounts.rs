@@ -209,16 +209,19 @@ fn whoami_and_subscriptions() {
 
 #[test]
 fn version_mismatch_as_the_user_sees_it() {
-    // A fake daemon that speaks protocol v9: it answers anything with its 3-byte header.
+    // A fake daemon that speaks protocol v9: it answers anything with its version notice (its
+    // header and an echo of the request, as every daemon since v3 does).
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = sock.local_addr().unwrap();
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
-        while let Ok((_, from)) = sock.recv_from(&mut buf) {
-            let _ = sock.send_to(b"Um\x09", from);
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let mut notice = udpmsg::proto::version_notice(&buf[..n]);
+            notice[2] = 9;
+            let _ = sock.send_to(&notice, from);
         }
     });
     let out = run_client(addr, &["ping", "whoami"], "");
     assert_ne!(out.code, Some(0));
-    assert_eq!(out.stderr, vec!["error: server speaks protocol v9, this client speaks v2"]);
+    assert_eq!(out.stderr, vec!["error: server speaks protocol v9, this client speaks v3"]);
 }

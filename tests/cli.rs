@@ -369,9 +369,10 @@ fn server_errors_as_the_user_sees_them() {
     register(a, &"n".repeat(32), "abcd");
     register(a, "a.b-c_9", &"p".repeat(128));
 
-    // Repeated failed logins for one account are throttled (5 allowed in a burst by default).
+    // Repeated failed logins for one account from one address are throttled (5 allowed in a
+    // burst by default, and as many again once the address proved itself with a cookie).
     register(a, "eve", "correct horse");
-    for _ in 0..5 {
+    for _ in 0..10 {
         expect_error(a, &[], &[], "login#eve&guess", BAD_CREDENTIALS);
     }
     let out = script(a, &["login#eve&correct horse"]);
@@ -651,7 +652,7 @@ fn no_answer_gives_up_after_the_configured_tries() {
     let mut buf = [0u8; 2048];
     let mut got = 0;
     while silent.recv_from(&mut buf).is_ok() {
-        assert_eq!(&buf[..3], b"UM\x02");
+        assert_eq!(&buf[..3], b"UM\x03");
         got += 1;
     }
     assert_eq!(got, 3);
@@ -660,10 +661,14 @@ fn no_answer_gives_up_after_the_configured_tries() {
 // ------------------------------------------------------------------------ 8. protocol versions
 
 #[test]
-fn daemon_answers_another_version_with_its_bare_header() {
+fn daemon_answers_another_version_with_its_header_and_an_echo() {
     let d = daemon();
     let sock = raw_socket();
-    for datagram in [&b"UM\x01"[..], b"UM\x01\x00\x01\x02\x03 anything at all", b"UM\xff\x00"] {
+    for (datagram, expected) in [
+        (&b"UM\x01"[..], &b"Um\x03"[..]),
+        (b"UM\x01\x00\x01\x02\x03 anything at all", b"Um\x03\xff\x00\x01\x02\x03 anything a"),
+        (b"UM\xff\x00", b"Um\x03\xff"),
+    ] {
         let mut answer = None;
         for _ in 0..10 {
             sock.send_to(datagram, d.addr).unwrap();
@@ -674,12 +679,14 @@ fn daemon_answers_another_version_with_its_bare_header() {
                 break;
             }
         }
-        assert_eq!(answer.as_deref(), Some(&b"Um\x02"[..]), "answer to {datagram:?}");
+        assert_eq!(answer.as_deref(), Some(expected), "answer to {datagram:?}");
+        assert!(expected.len() <= datagram.len());
     }
 }
 
-/// A fake server on 127.0.0.1 that answers every datagram with `Um\x07`; returns its address,
-/// its stop flag and the thread (which returns how many datagrams it got).
+/// A fake server on 127.0.0.1 that answers every datagram with a v7 version notice (echoing it,
+/// as daemons since v3 do); returns its address, its stop flag and the thread (which returns how
+/// many datagrams it got).
 fn fake_v7_server() -> (SocketAddr, Arc<AtomicBool>, thread::JoinHandle<usize>) {
     let fake = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = fake.local_addr().unwrap();
@@ -691,9 +698,11 @@ fn fake_v7_server() -> (SocketAddr, Arc<AtomicBool>, thread::JoinHandle<usize>) 
             let mut buf = [0u8; 2048];
             let mut seen = 0;
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = fake.recv_from(&mut buf) {
+                if let Ok((n, from)) = fake.recv_from(&mut buf) {
                     seen += 1;
-                    let _ = fake.send_to(b"Um\x07", from);
+                    let mut notice = udpmsg::proto::version_notice(&buf[..n]);
+                    notice[2] = 7;
+                    let _ = fake.send_to(&notice, from);
                 }
             }
             seen
@@ -711,7 +720,7 @@ fn client_reports_a_server_of_another_version() {
     stop.store(true, Ordering::Relaxed);
     let seen = server.join().unwrap();
     assert_eq!(out.code, Some(1), "{out:#?}");
-    assert_eq!(out.stderr, vec!["error: server speaks protocol v7, this client speaks v2"], "{out:#?}");
+    assert_eq!(out.stderr, vec!["error: server speaks protocol v7, this client speaks v3"], "{out:#?}");
     assert!(out.stdout.is_empty(), "{out:#?}");
     // It gives up at once instead of retrying, and runs nothing after it.
     assert_eq!(seen, 1, "datagrams the fake server received");
@@ -729,7 +738,7 @@ fn client_reports_a_server_of_another_version() {
     assert_eq!(v[0]["code"], "VersionMismatch");
     assert_eq!(v[0]["server_version"], 7);
     assert_eq!(v[0]["client_version"], udpmsg::proto::VERSION);
-    assert_eq!(v[0]["message"], "server speaks protocol v7, this client speaks v2");
+    assert_eq!(v[0]["message"], "server speaks protocol v7, this client speaks v3");
 }
 
 #[test]
@@ -741,7 +750,12 @@ fn garbage_gets_no_answer_and_the_daemon_keeps_serving() {
     let short_login = encode_client(&ClientMsg::Request(Request {
         id: 9,
         token: None,
-        body: RequestBody::Login { user: "alice".into(), password: "secret".into(), pad: vec![] },
+        body: RequestBody::Login {
+            user: "alice".into(),
+            password: "secret".into(),
+            cookie: None,
+            pad: vec![],
+        },
     }));
     assert!(short_login.len() < udpmsg::proto::MIN_UNAUTHENTICATED_REQUEST);
     let mut trailing = ping_datagram(10);
@@ -752,10 +766,10 @@ fn garbage_gets_no_answer_and_the_daemon_keeps_serving() {
         b"UM".to_vec(),
         b"hello, daemon".to_vec(),
         b"XX\x01\x00".to_vec(),
-        b"UM\x02".to_vec(),
-        b"UM\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+        b"UM\x03".to_vec(),
+        b"UM\x03\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
         vec![0u8; 1500],
-        [&b"UM\x02"[..], &[7u8; 1300][..]].concat(),
+        [&b"UM\x03"[..], &[7u8; 1300][..]].concat(),
         trailing,
         short_login,
     ];

@@ -542,6 +542,7 @@ fn a_request_retransmitted_across_a_restart_is_not_executed_again() {
     let login = RequestBody::Login {
         user: "alice".into(),
         password: "password".into(),
+        cookie: None,
         pad: vec![0; proto::MIN_UNAUTHENTICATED_REQUEST],
     };
     let token = match raw.exchange(7000, &encode(7000, None, login)) {

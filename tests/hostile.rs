@@ -62,7 +62,8 @@ fn encode(id: u64, token: Option<Token>, body: RequestBody) -> Vec<u8> {
     proto::encode_request(Request { id, token, body })
 }
 
-/// One request from the test's own socket, retransmitted until answered.
+/// One request from the test's own socket, retransmitted until answered (and sent again with
+/// a cookie, under id + 1000, if the daemon asks for one).
 fn rpc(
     sock: &UdpSocket,
     to: SocketAddr,
@@ -70,7 +71,7 @@ fn rpc(
     token: Option<Token>,
     body: RequestBody,
 ) -> Result<Response, ErrorCode> {
-    let bytes = encode(id, token, body);
+    let bytes = encode(id, token, body.clone());
     sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
     let mut buf = [0u8; 2048];
     for _ in 0..20 {
@@ -78,10 +79,18 @@ fn rpc(
         let end = Instant::now() + Duration::from_millis(300);
         while Instant::now() < end {
             let Ok((n, _)) = sock.recv_from(&mut buf) else { break };
-            if let Ok(ServerMsg::Reply { id: rid, result }) = proto::decode_server(&buf[..n]) {
-                if rid == id {
-                    return result;
+            match proto::decode_server(&buf[..n]) {
+                Ok(ServerMsg::Reply { id: rid, result }) if rid == id => return result,
+                Ok(ServerMsg::Retry { id: rid, cookie }) if rid == id => {
+                    let body = match body {
+                        RequestBody::Login { user, password, pad, .. } => {
+                            RequestBody::Login { user, password, cookie: Some(cookie), pad }
+                        }
+                        other => other,
+                    };
+                    return rpc(sock, to, id + 1000, token, body);
                 }
+                _ => {}
             }
         }
     }
@@ -221,14 +230,18 @@ fn defuse(bytes: Vec<u8>, users: &[&str]) -> Vec<u8> {
             if CREDENTIALS.contains(&(user.as_str(), password.as_str())) =>
         {
             let password = format!("{password}-wrong");
-            encode(req.id, req.token, RequestBody::Login { user, password, pad: vec![] })
+            encode(req.id, req.token, RequestBody::Login { user, password, cookie: None, pad: vec![] })
         }
         RequestBody::Register { user, password, .. }
             if proto::valid_name(&user, proto::MAX_NAME_LEN)
                 && !users.contains(&user.as_str())
                 && (4..=proto::MAX_PASSWORD_LEN).contains(&password.len()) =>
         {
-            encode(req.id, req.token, RequestBody::Register { user: "alice".into(), password, pad: vec![] })
+            encode(
+                req.id,
+                req.token,
+                RequestBody::Register { user: "alice".into(), password, cookie: None, pad: vec![] },
+            )
         }
         _ => bytes,
     }
@@ -260,17 +273,27 @@ fn absurd_frames(rng: &mut Rng, dead: Token) -> Vec<Vec<u8>> {
         RequestBody::DeleteAccount { password: "alice-pw".into() },
         RequestBody::DeleteAccount { password: long(1100) },
         RequestBody::Ping,
-        RequestBody::Login { user: String::new(), password: String::new(), pad: vec![] },
-        RequestBody::Login { user: long(32), password: long(proto::MAX_PASSWORD_LEN), pad: vec![0xff; 900] },
-        RequestBody::Login { user: "alice".into(), password: long(1000), pad: vec![] },
-        RequestBody::Login { user: "bob".into(), password: long(proto::MAX_PASSWORD_LEN + 1), pad: vec![] },
-        RequestBody::Register { user: String::new(), password: String::new(), pad: vec![] },
-        RequestBody::Register { user: "a b".into(), password: "password".into(), pad: vec![] },
-        RequestBody::Register { user: long(33), password: "password".into(), pad: vec![] },
-        RequestBody::Register { user: "bob".into(), password: long(128), pad: vec![] },
-        RequestBody::Register { user: "newbie".into(), password: "abc".into(), pad: vec![] },
-        RequestBody::Register { user: "newbie".into(), password: long(129), pad: vec![] },
-        RequestBody::Register { user: "*".into(), password: "password".into(), pad: vec![] },
+        RequestBody::Login { user: String::new(), password: String::new(), cookie: None, pad: vec![] },
+        RequestBody::Login {
+            user: long(32),
+            password: long(proto::MAX_PASSWORD_LEN),
+            cookie: None,
+            pad: vec![0xff; 900],
+        },
+        RequestBody::Login { user: "alice".into(), password: long(1000), cookie: None, pad: vec![] },
+        RequestBody::Login {
+            user: "bob".into(),
+            password: long(proto::MAX_PASSWORD_LEN + 1),
+            cookie: None,
+            pad: vec![],
+        },
+        RequestBody::Register { user: String::new(), password: String::new(), cookie: None, pad: vec![] },
+        RequestBody::Register { user: "a b".into(), password: "password".into(), cookie: None, pad: vec![] },
+        RequestBody::Register { user: long(33), password: "password".into(), cookie: None, pad: vec![] },
+        RequestBody::Register { user: "bob".into(), password: long(128), cookie: None, pad: vec![] },
+        RequestBody::Register { user: "newbie".into(), password: "abc".into(), cookie: None, pad: vec![] },
+        RequestBody::Register { user: "newbie".into(), password: long(129), cookie: None, pad: vec![] },
+        RequestBody::Register { user: "*".into(), password: "password".into(), cookie: None, pad: vec![] },
     ];
     let mut v = Vec::new();
     for body in bodies {
@@ -292,7 +315,7 @@ fn absurd_frames(rng: &mut Rng, dead: Token) -> Vec<Vec<u8>> {
         &[1, 0x80],
         &[0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f],
     ] {
-        let mut d = b"UM\x02".to_vec();
+        let mut d = b"UM\x03".to_vec();
         d.extend_from_slice(tail);
         v.push(d);
     }
@@ -301,7 +324,12 @@ fn absurd_frames(rng: &mut Rng, dead: Token) -> Vec<Vec<u8>> {
         v.push(proto::encode_client(&ClientMsg::Request(Request {
             id: i,
             token: None,
-            body: RequestBody::Login { user: format!("u{i}"), password: "pw".into(), pad: vec![] },
+            body: RequestBody::Login {
+                user: format!("u{i}"),
+                password: "pw".into(),
+                cookie: None,
+                pad: vec![],
+            },
         })));
     }
     v
@@ -402,11 +430,15 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
 
     // ---- dave: a live session held by the test, whose token is flipped bit by bit ----
     let dave_sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let dave_login = RequestBody::Login { user: "dave".into(), password: "dave-pw".into(), pad: vec![] };
+    let dave_login =
+        RequestBody::Login { user: "dave".into(), password: "dave-pw".into(), cookie: None, pad: vec![] };
     let Ok(Response::LoggedIn { token: dave, .. }) = rpc(&dave_sock, d.addr, 1, None, dave_login) else {
         panic!("dave logs in")
     };
-    assert_eq!(rpc(&dave_sock, d.addr, 2, Some(dave), RequestBody::Ping), Ok(Response::Pong));
+    assert!(matches!(
+        rpc(&dave_sock, d.addr, 2, Some(dave), RequestBody::Ping),
+        Ok(Response::SessionPong { .. })
+    ));
 
     let users_before = user_list(&d);
     assert_eq!(users_before, ["alice", "bob", "carol", "dave"]);
@@ -429,7 +461,7 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
     }
     for _ in 0..1500 {
         let n = rng.range(0, 1197);
-        let mut d = b"UM\x02".to_vec();
+        let mut d = b"UM\x03".to_vec();
         d.extend(rng.bytes(n));
         hostile.push(d);
     }
@@ -458,7 +490,11 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
             _ => RequestBody::Ping,
         };
         hostile.push(encode(rng.next(), Some(token), body));
-        hostile.push(proto::encode_client(&ClientMsg::PushAck { token, seq: rng.next() % 100 }));
+        hostile.push(proto::encode_client(&ClientMsg::PushAck {
+            token,
+            epoch: rng.next() as u32 % 3,
+            seq: rng.next() % 100,
+        }));
     }
     // dave's live token with each one of its 128 bits flipped.
     for bit in 0..128 {
@@ -473,10 +509,10 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
         ] {
             hostile.push(encode(1000 + bit as u64, Some(t), body));
         }
-        hostile.push(proto::encode_client(&ClientMsg::PushAck { token: t, seq: 1 }));
+        hostile.push(proto::encode_client(&ClientMsg::PushAck { token: t, epoch: 1, seq: 1 }));
     }
-    // Other protocol versions: answered with the 3-byte header.
-    for v in [0u8, 1, 3, 0xff] {
+    // Other protocol versions: answered with the header and an echo, never longer.
+    for v in [0u8, 1, 2, 0xff] {
         for _ in 0..50 {
             let mut d = vec![b'U', b'M', v];
             let n = rng.range(0, 200);
@@ -489,7 +525,7 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
     let mut oversized = Vec::new();
     for i in 0..150 {
         let n = if i % 3 == 0 { rng.range(1201, 2100) } else { rng.range(1201, 65_000) };
-        let mut d = if i % 2 == 0 { rng.pick(&from_client).clone() } else { b"UM\x02".to_vec() };
+        let mut d = if i % 2 == 0 { rng.pick(&from_client).clone() } else { b"UM\x03".to_vec() };
         let more = n.saturating_sub(d.len());
         d.extend(rng.bytes(more));
         oversized.push(d);
@@ -590,9 +626,8 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
 
     // ---- the daemon is up, and the legitimate sessions work ----
     assert!(d.child.try_wait().unwrap().is_none(), "the daemon is still running");
-    assert_eq!(
-        rpc(&dave_sock, d.addr, 3, Some(dave), RequestBody::Ping),
-        Ok(Response::Pong),
+    assert!(
+        matches!(rpc(&dave_sock, d.addr, 3, Some(dave), RequestBody::Ping), Ok(Response::SessionPong { .. })),
         "dave's session"
     );
     alice.send("ping");
@@ -630,13 +665,23 @@ fn a_hostile_network_changes_nothing_and_gets_nothing() {
                         s.requests[&id]
                     );
                 }
+                Ok(ServerMsg::Retry { id, .. }) => {
+                    // A login or registration asked to prove its address: never larger.
+                    let Some(&len) = s.ids.get(&id) else { panic!("socket {i}: retry #{id} for no request") };
+                    assert!(g.len() <= len, "socket {i}: {} byte retry for a {len} byte request", g.len());
+                }
+                Ok(ServerMsg::PathChallenge { .. }) => {
+                    panic!("socket {i}: a path challenge without a session")
+                }
                 Ok(ServerMsg::Push { message, .. }) => {
                     panic!("socket {i}: a push to a hostile socket: {message:?}")
                 }
                 Ok(ServerMsg::Pushes { messages, .. }) => {
                     panic!("socket {i}: pushes to a hostile socket: {messages:?}")
                 }
-                Err(_) if g[..] == proto::version_notice()[..] => notices += 1,
+                Err(_) if g.starts_with(b"Um\x03") && (g.len() == 3 || g[3] == proto::NOTICE_TAG) => {
+                    notices += 1
+                }
                 Err(e) => panic!("socket {i}: undecodable answer ({e}): {g:02x?}"),
             }
         }

@@ -40,9 +40,9 @@ const PASSWORD: &str = "storm-password";
 const POST_EVERY: Duration = Duration::from_millis(20);
 const MAX_GAP: Duration = Duration::from_secs(1);
 
-/// A login as the client encodes it (padded).
-fn login(id: u64, user: &str, password: &str) -> Vec<u8> {
-    let body = RequestBody::Login { user: user.into(), password: password.into(), pad: vec![] };
+/// A login as the client encodes it (padded), with the cookie the daemon gave, if any.
+fn login(id: u64, user: &str, password: &str, cookie: Option<proto::Cookie>) -> Vec<u8> {
+    let body = RequestBody::Login { user: user.into(), password: password.into(), cookie, pad: vec![] };
     proto::encode_request(Request { id, token: None, body })
 }
 
@@ -53,7 +53,8 @@ fn name(i: usize) -> String {
 /// 200 clients log in at once, each from its own socket (ten per loopback address, 127.0.0.2 and
 /// up: users behind a few NATs -- the daemon allows `login_failures_per_address_burst`, 20,
 /// attempts in flight per address). Each retransmits like the client (1 s, doubling) until
-/// answered; returns each answer and when it came. Gives up after 40 s.
+/// answered, and sends its login again at once with a cookie when the daemon (busy hashing)
+/// asks for one; returns each answer and when it came. Gives up after 40 s.
 fn login_storm(daemon: SocketAddr) -> Vec<Option<(Result<Response, ErrorCode>, Duration)>> {
     let start = Instant::now();
     let socks: Vec<UdpSocket> = (0..STORM)
@@ -66,19 +67,29 @@ fn login_storm(daemon: SocketAddr) -> Vec<Option<(Result<Response, ErrorCode>, D
     let mut out = vec![None; STORM];
     let mut next = vec![start; STORM];
     let mut backoff = vec![Duration::from_secs(1); STORM];
+    // Each client's current request id (a cookie retry takes a new one) and cookie.
+    let mut ids: Vec<u64> = (0..STORM as u64).collect();
+    let mut cookies = vec![None; STORM];
     let mut buf = [0u8; 2048];
     while out.iter().any(Option::is_none) && start.elapsed() < Duration::from_secs(40) {
         let now = Instant::now();
         for i in 0..STORM {
             while let Ok((n, _)) = socks[i].recv_from(&mut buf) {
-                if let Ok(ServerMsg::Reply { id, result }) = proto::decode_server(&buf[..n]) {
-                    if id == i as u64 && out[i].is_none() {
+                match proto::decode_server(&buf[..n]) {
+                    Ok(ServerMsg::Reply { id, result }) if id == ids[i] && out[i].is_none() => {
                         out[i] = Some((result, start.elapsed()));
                     }
+                    Ok(ServerMsg::Retry { id, cookie }) if id == ids[i] && out[i].is_none() => {
+                        cookies[i] = Some(cookie);
+                        ids[i] += STORM as u64;
+                        next[i] = now;
+                        backoff[i] = Duration::from_secs(1);
+                    }
+                    _ => {}
                 }
             }
             if out[i].is_none() && now >= next[i] {
-                socks[i].send_to(&login(i as u64, &name(i), PASSWORD), daemon).unwrap();
+                socks[i].send_to(&login(ids[i], &name(i), PASSWORD, cookies[i]), daemon).unwrap();
                 next[i] = now + backoff[i];
                 backoff[i] *= 2;
             }

@@ -62,6 +62,9 @@ impl Sim {
             max_retrieve: 1000,
             push_max_tries: 8,
             session_idle_timeout_secs: 300,
+            // Replies must outlive the clients' retransmissions (30 tries here, several minutes;
+            // the default client's 5 tries take 23 s, well within the default 60 s).
+            reply_cache_ttl_secs: 3600,
             ..ServerConfig::default()
         };
         let mut store = MemoryStore::new(cfg.max_inbox as usize);

@@ -2,8 +2,10 @@
 //! encode it. `examples/gen_corpus.rs` writes them to `corpus/<target>/seed-<name>`;
 //! `tests/replay.rs` checks that the committed files are these and that every target passes them.
 
-use crate::server_core::{encode_request, record, slot, PASSWORD};
-use udpmsg::proto::{self, ClientMsg, ErrorCode, Message, Relation, RequestBody, Response, ServerMsg, Token};
+use crate::server_core::{cookie_slot, encode_request, record, slot, PASSWORD};
+use udpmsg::proto::{
+    self, ClientMsg, Cookie, ErrorCode, Message, Relation, RequestBody, Response, ServerMsg, Token,
+};
 
 /// (target, seed name, bytes).
 pub fn all() -> Vec<(&'static str, String, Vec<u8>)> {
@@ -32,13 +34,37 @@ pub fn client_datagrams() -> Vec<(String, Vec<u8>)> {
         (
             "register",
             None,
-            RequestBody::Register { user: name("alice"), password: name("secret"), pad: vec![] },
+            RequestBody::Register {
+                user: name("alice"),
+                password: name("secret"),
+                cookie: None,
+                pad: vec![],
+            },
         ),
-        ("login", None, RequestBody::Login { user: name("alice"), password: name("p&ss"), pad: vec![] }),
+        (
+            "login",
+            None,
+            RequestBody::Login { user: name("alice"), password: name("p&ss"), cookie: None, pad: vec![] },
+        ),
+        (
+            "login-cookie",
+            None,
+            RequestBody::Login {
+                user: name("alice"),
+                password: name("p&ss"),
+                cookie: Some(Cookie([0xc0; 16])),
+                pad: vec![],
+            },
+        ),
         (
             "login-longest",
             None,
-            RequestBody::Login { user: text(32), password: text(proto::MAX_PASSWORD_LEN), pad: vec![] },
+            RequestBody::Login {
+                user: text(32),
+                password: text(proto::MAX_PASSWORD_LEN),
+                cookie: Some(Cookie([0xc0; 16])),
+                pad: vec![],
+            },
         ),
         ("logout", t, RequestBody::Logout),
         ("subscribe", t, RequestBody::Subscribe { user: name("bob") }),
@@ -60,13 +86,21 @@ pub fn client_datagrams() -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> =
         bodies.into_iter().map(|(n, t, b)| (n.to_string(), encode_request(0x1234_5678, t, b))).collect();
     v.push(("id-max".into(), encode_request(u64::MAX, t, RequestBody::Ping)));
-    let ack = |seq| proto::encode_client(&ClientMsg::PushAck { token: Token([0x5a; 16]), seq });
+    let ack = |seq| proto::encode_client(&ClientMsg::PushAck { token: Token([0x5a; 16]), epoch: 3, seq });
     v.push(("push-ack".into(), ack(1)));
     v.push(("push-ack-large".into(), ack(1 << 40)));
-    let acks = |seqs| proto::encode_client(&ClientMsg::PushAcks { token: Token([0x5a; 16]), seqs });
+    let acks = |seqs| proto::encode_client(&ClientMsg::PushAcks { token: Token([0x5a; 16]), epoch: 3, seqs });
     v.push(("push-acks".into(), acks(vec![3, 1, 2])));
     v.push(("push-acks-most".into(), acks((1..=proto::MAX_ACKS as u64).collect())));
+    v.push((
+        "path-response".into(),
+        proto::encode_client(&ClientMsg::PathResponse {
+            token: Token([0x5a; 16]),
+            data: 0x0123_4567_89ab_cdef,
+        }),
+    ));
     v.push(("version-1".into(), b"UM\x01\x00\x00\x00\x09".to_vec()));
+    v.push(("version-2".into(), b"UM\x02\x00\x00\x00\x09".to_vec()));
     v
 }
 
@@ -74,13 +108,14 @@ pub fn client_datagrams() -> Vec<(String, Vec<u8>)> {
 pub fn server_datagrams() -> Vec<(String, Vec<u8>)> {
     let msg = |id, to: Option<&str>, t: &str| Message {
         id,
+        time: 1_764_000_000_000 + id,
         author: "bob".into(),
         to: to.map(str::to_string),
         text: t.into(),
     };
     let ok: Vec<(&str, Response)> = vec![
         ("registered", Response::Registered),
-        ("logged-in", Response::LoggedIn { token: Token([0xa5; 16]), missed: 3, catching_up: 2 }),
+        ("logged-in", Response::LoggedIn { token: Token([0xa5; 16]), missed: 3, catching_up: 2, epoch: 4 }),
         ("logged-out", Response::LoggedOut),
         ("subscribed", Response::Subscribed),
         ("unsubscribed", Response::Unsubscribed),
@@ -95,6 +130,7 @@ pub fn server_datagrams() -> Vec<(String, Vec<u8>)> {
         ),
         ("users", Response::Users { names: vec!["bob".into(), "bobby".into()], next: Some("bobby".into()) }),
         ("pong", Response::Pong),
+        ("session-pong", Response::SessionPong { epoch: 4 }),
         ("me", Response::Me { user: "alice".into(), sessions: 2 }),
         (
             "relations",
@@ -116,6 +152,7 @@ pub fn server_datagrams() -> Vec<(String, Vec<u8>)> {
         ("busy", ErrorCode::Busy),
         ("rate-limited", ErrorCode::RateLimited { retry_after_secs: 30 }),
         ("storage-unavailable", ErrorCode::StorageUnavailable),
+        ("invalid-text", ErrorCode::InvalidText { code_point: 0x1b }),
     ];
     let mut v = Vec::new();
     for (n, r) in ok {
@@ -148,13 +185,19 @@ pub fn server_datagrams() -> Vec<(String, Vec<u8>)> {
             seq: u64::MAX,
             message: Message {
                 id: u64::MAX,
+                time: u64::MAX,
                 author: text(32),
                 to: Some(text(32)),
                 text: text(proto::MAX_TEXT_BYTES),
             },
         }),
     ));
-    v.push(("version-notice".into(), proto::version_notice()));
+    v.push((
+        "path-challenge".into(),
+        proto::encode_server(&ServerMsg::PathChallenge { session: 7, data: 0x0123_4567_89ab_cdef }),
+    ));
+    v.push(("retry".into(), proto::encode_server(&ServerMsg::Retry { id: 9, cookie: Cookie([0xc0; 16]) })));
+    v.push(("version-notice".into(), proto::version_notice(b"UM\x02\x00\x00\x00\x09")));
     v
 }
 
@@ -164,13 +207,31 @@ pub fn server_core_inputs() -> Vec<(String, Vec<u8>)> {
     let eve = Some(slot(1));
     let mallory = Some(slot(0));
     let req = |id, token, body| encode_request(id, token, body);
-    let reg = |u: &str, p: &str| RequestBody::Register { user: u.into(), password: p.into(), pad: vec![] };
-    let login = |u: &str, p: &str| RequestBody::Login { user: u.into(), password: p.into(), pad: vec![] };
-    let ack = |token, seq| proto::encode_client(&ClientMsg::PushAck { token, seq });
+    // With the cookie the harness has for the source address (see `server_core`).
+    let reg = |u: &str, p: &str| RequestBody::Register {
+        user: u.into(),
+        password: p.into(),
+        cookie: Some(cookie_slot()),
+        pad: vec![],
+    };
+    let login = |u: &str, p: &str| RequestBody::Login {
+        user: u.into(),
+        password: p.into(),
+        cookie: Some(cookie_slot()),
+        pad: vec![],
+    };
+    let bare_reg = |u: &str, p: &str| RequestBody::Register {
+        user: u.into(),
+        password: p.into(),
+        cookie: None,
+        pad: vec![],
+    };
+    let ack = |token, seq| proto::encode_client(&ClientMsg::PushAck { token, epoch: 1, seq });
     let mut v = Vec::new();
 
     // A whole client life from 127.0.0.1:2000, with mallory posting from her own address.
     let life: Vec<(u8, Vec<u8>)> = vec![
+        (2, req(0, None, bare_reg("eve", "evepassword"))),
         (2, req(1, None, reg("eve", "evepassword"))),
         (2, req(2, None, login("eve", "evepassword"))),
         (2, req(3, eve, RequestBody::Ping)),
@@ -178,7 +239,7 @@ pub fn server_core_inputs() -> Vec<(String, Vec<u8>)> {
         (1, req(1, mallory, RequestBody::Post { text: "hello subscribers".into() })),
         (1, req(2, mallory, RequestBody::Post { text: "and again".into() })),
         (2, ack(slot(1), 1)),
-        (2, proto::encode_client(&ClientMsg::PushAcks { token: slot(1), seqs: vec![2, 1] })),
+        (2, proto::encode_client(&ClientMsg::PushAcks { token: slot(1), epoch: 1, seqs: vec![2, 1] })),
         (2, req(5, eve, RequestBody::Retrieve { count: 100, before: None })),
         (2, req(6, eve, RequestBody::ListUsers { pattern: "*".into(), after: None })),
         (2, req(7, eve, RequestBody::Subscriptions { after: None })),
@@ -202,6 +263,21 @@ pub fn server_core_inputs() -> Vec<(String, Vec<u8>)> {
     ];
     v.push(("mallory".to_string(), mallory_life.iter().flat_map(|(s, d)| record(*s, 1, 0, d)).collect()));
 
+    // Mallory's token from a responsive address (her session moves once it echoed the
+    // challenge) and from addresses that never answer (spoofed: they get at most three times
+    // what they send, and no pushes).
+    let moves: Vec<(u8, Vec<u8>)> = vec![
+        (1, req(80, mallory, RequestBody::Subscribe { user: "alice".into() })),
+        (4, req(81, mallory, RequestBody::Ping)),
+        (5, req(82, mallory, RequestBody::Retrieve { count: 50, before: None })),
+        (4, req(81, mallory, RequestBody::Ping)),
+        (3, req(83, mallory, RequestBody::Ping)),
+        (3, req(84, mallory, RequestBody::Retrieve { count: 50, before: None })),
+        (7, req(85, mallory, RequestBody::Ping)),
+        (2, req(82, mallory, RequestBody::Ping)),
+    ];
+    v.push(("moves".to_string(), moves.iter().flat_map(|(s, d)| record(*s, 2, 0, d)).collect()));
+
     // Garbage and edge cases, as an attacker sends them, from every source.
     let login_eve = req(30, None, login("eve", "evepassword"));
     let garbage: Vec<Vec<u8>> = vec![
@@ -223,6 +299,8 @@ pub fn server_core_inputs() -> Vec<(String, Vec<u8>)> {
         req(36, mallory, RequestBody::Send { to: String::new(), text: text(1) }),
         req(37, None, reg("", "")),
         req(38, None, reg(&text(32), &text(128))),
+        req(39, None, bare_reg("zed", "zedpassword")),
+        req(40, mallory, RequestBody::Post { text: "fake\u{b}\r[alice -> you] hi\u{1b}]0;x\u{7}".into() }),
     ];
     let mut g = Vec::new();
     for (i, d) in garbage.iter().enumerate() {

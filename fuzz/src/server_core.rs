@@ -24,18 +24,25 @@
 //! In a datagram, each 16 bytes made of [`TOKEN_SLOT`] followed by a byte `k` are replaced by a
 //! real session token: mallory's for `k = 0`, then the tokens the fuzzer's own logins were given
 //! (`k` modulo their number). Alice's token is never handed out: what happens to her is the
-//! test.
+//! test. Each 16 bytes made of [`COOKIE_SLOT`] and any byte are replaced by the newest cookie
+//! a `Retry` gave the datagram's source address (a client echoing it), so that logins and
+//! registrations get past the cookie check. The addresses in [`RESPONSIVE`] answer every path
+//! challenge sent to them, as a real client there would (in the next turn); the others never do.
 //!
 //! # Invariants, checked after every turn
 //!
 //! - no panic (debug assertions are on in fuzz builds);
 //! - every datagram sent is at most [`proto::MAX_DATAGRAM`] bytes and decodes as a `ServerMsg`
-//!   (or is the 3-byte version notice, sent only to an address heard from in that turn);
-//! - a push goes only to an address that holds (or held) a session;
-//! - a reply goes only to an address that sent a request with that id; when that request had no
-//!   valid session (or the reply says "not logged in" / "session expired"), the reply is at most
-//!   as large as the request;
-//! - an address that never held a session receives in total at most as many bytes as it sent;
+//!   (or is a version notice, sent only to an address heard from in that turn, never longer than
+//!   what it sent);
+//! - a push goes only to a *proven* address: one that was sent a token and sent it back, or that
+//!   answered a path challenge;
+//! - a reply or a cookie retry goes only to an address that sent a request with that id; when
+//!   that request had no valid session (or the reply says "not logged in" / "session expired"),
+//!   the answer is at most as large as the request;
+//! - an address that never sent a valid token receives in total at most as many bytes as it
+//!   sent; any address that is not proven (one that held a session, or had its token sent from
+//!   it, included) at most three times as many;
 //! - `session_count() <= max_sessions`, and after each commit the core and the store agree on
 //!   the number of sessions;
 //! - alice's pings, during the run and at the end, are answered `Pong`;
@@ -58,6 +65,8 @@ use udpmsg::store::Store;
 
 /// Marks a token slot in a datagram: these 15 bytes and an index byte.
 pub const TOKEN_SLOT: [u8; 15] = *b"@@TOKEN-SLOT@@:";
+/// Marks a cookie slot in a datagram: these 15 bytes and any byte.
+pub const COOKIE_SLOT: [u8; 15] = *b"@@COOKIE-SLOT@:";
 /// Records read from one input; the rest is ignored.
 pub const MAX_RECORDS: usize = 64;
 /// The daemon reads at most this much of a datagram.
@@ -83,6 +92,9 @@ const ALICE_FIRST_ID: u64 = 0x00a1_1ce0_0000_0000;
 const fn addr(ip: [u8; 4], port: u16) -> SocketAddr {
     SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]), port))
 }
+
+/// Source addresses (indexes into [`sources`]) at which a client answers path challenges.
+pub const RESPONSIVE: [usize; 3] = [2, 3, 6];
 
 /// The fuzzer's source addresses, by `src & 7`.
 pub fn sources() -> [SocketAddr; 8] {
@@ -140,6 +152,13 @@ pub fn encode_request(id: u64, token: Option<Token>, body: RequestBody) -> Vec<u
     proto::encode_request(Request { id, token, body })
 }
 
+/// The cookie that the harness replaces with the newest one the source address was given.
+pub fn cookie_slot() -> proto::Cookie {
+    let mut c = [0u8; 16];
+    c[..15].copy_from_slice(&COOKIE_SLOT);
+    proto::Cookie(c)
+}
+
 /// The token that the harness replaces with session token `k`.
 pub fn slot(k: u8) -> Token {
     let mut t = [0u8; 16];
@@ -179,14 +198,25 @@ struct Harness {
     tokens: Vec<Token>,
     /// Every token ever handed out by a `LoggedIn` reply (alice's too).
     issued: HashSet<[u8; 16]>,
-    /// Addresses that hold or held a session (pushes may go there).
-    session_addrs: HashSet<SocketAddr>,
+    /// Which address each token was sent to (in a `LoggedIn` reply).
+    issued_to: HashMap<[u8; 16], SocketAddr>,
+    /// Addresses that proved they receive: sent back a token sent to them, or answered a path
+    /// challenge (pushes may go there; no limit on the bytes they get).
+    proven: HashSet<SocketAddr>,
+    /// Addresses that sent a datagram with a valid token (at most 3x what they sent).
+    token_addrs: HashSet<SocketAddr>,
+    /// The newest cookie each address was given.
+    cookies: HashMap<SocketAddr, proto::Cookie>,
+    /// Path responses the responsive addresses send at the start of the next turn.
+    responses: Vec<(SocketAddr, Vec<u8>)>,
     requests: HashMap<(SocketAddr, u64), Sent>,
-    /// Addresses heard from in the current turn.
-    heard: HashSet<SocketAddr>,
+    /// Addresses heard from in the current turn, with the longest datagram each sent.
+    heard: HashMap<SocketAddr, usize>,
     bytes_in: HashMap<SocketAddr, u64>,
     bytes_out: HashMap<SocketAddr, u64>,
     alice: Token,
+    /// The epoch alice's pushes are numbered in (her login's answer named it).
+    alice_epoch: u32,
     alice_next_id: u64,
     alice_last_ping: Instant,
     /// Pushes alice received and has not acked yet.
@@ -216,12 +246,17 @@ impl Harness {
             jobs: Vec::new(),
             tokens: Vec::new(),
             issued: HashSet::new(),
-            session_addrs: HashSet::new(),
+            issued_to: HashMap::new(),
+            proven: HashSet::new(),
+            token_addrs: HashSet::new(),
+            cookies: HashMap::new(),
+            responses: Vec::new(),
             requests: HashMap::new(),
-            heard: HashSet::new(),
+            heard: HashMap::new(),
             bytes_in: HashMap::new(),
             bytes_out: HashMap::new(),
             alice: Token([0; 16]),
+            alice_epoch: 0,
             alice_next_id: ALICE_FIRST_ID,
             alice_last_ping: now,
             alice_acks: Vec::new(),
@@ -235,16 +270,31 @@ impl Harness {
             }),
         };
         for (user, password, from) in [("alice", ALICE_PASSWORD, ALICE), ("mallory", PASSWORD, MALLORY)] {
-            let reg = RequestBody::Register { user: user.into(), password: password.into(), pad: vec![] };
+            let reg = RequestBody::Register {
+                user: user.into(),
+                password: password.into(),
+                cookie: None,
+                pad: vec![],
+            };
             assert_eq!(h.legit(from, None, reg), vec![Ok(Response::Registered)], "setup: register {user}");
-            let login = RequestBody::Login { user: user.into(), password: password.into(), pad: vec![] };
-            let [Ok(Response::LoggedIn { token, .. })] = h.legit(from, None, login)[..] else {
+            let login = RequestBody::Login {
+                user: user.into(),
+                password: password.into(),
+                cookie: None,
+                pad: vec![],
+            };
+            let [Ok(Response::LoggedIn { token, epoch, .. })] = h.legit(from, None, login)[..] else {
                 panic!("setup: {user} logs in")
             };
             match user {
-                "alice" => h.alice = token,
+                "alice" => (h.alice, h.alice_epoch) = (token, epoch),
                 _ => h.tokens.push(token),
             }
+            // The token comes back from the login's address at once (an ack, which uses no
+            // request id: the seeds' small ids must stay new for mallory's session).
+            let ack = proto::encode_client(&ClientMsg::PushAck { token, epoch, seq: 0 });
+            h.receive(from, &ack);
+            h.end_turn(0);
         }
         let sub = RequestBody::Subscribe { user: "mallory".into() };
         assert_eq!(h.legit(ALICE, Some(h.alice), sub), vec![Ok(Response::Subscribed)], "setup: subscribe");
@@ -254,7 +304,8 @@ impl Harness {
 
     /// A request from a well-behaved client, in a turn of its own; returns the replies to its
     /// address with its id (exactly one, unless the fuzzer sent the same id from that address
-    /// and its reply was released in this turn).
+    /// and its reply was released in this turn). A login or registration asked for a cookie
+    /// is sent again with it, as the client does.
     fn legit(
         &mut self,
         from: SocketAddr,
@@ -264,11 +315,24 @@ impl Harness {
         let id = self.alice_next_id;
         self.alice_next_id += 1;
         let what = format!("{body:?}");
-        let bytes = encode_request(id, token, body);
+        let bytes = encode_request(id, token, body.clone());
         self.receive(from, &bytes);
-        let replies = self.end_turn(0);
+        let (replies, retries) = self.end_turn(0);
         let mine: Vec<_> =
             replies.into_iter().filter(|(to, rid, _)| *to == from && *rid == id).map(|r| r.2).collect();
+        if mine.is_empty() && retries.contains(&(from, id)) {
+            let cookie = Some(self.cookies[&from]);
+            let body = match body {
+                RequestBody::Login { user, password, pad, .. } => {
+                    RequestBody::Login { user, password, cookie, pad }
+                }
+                RequestBody::Register { user, password, pad, .. } => {
+                    RequestBody::Register { user, password, cookie, pad }
+                }
+                other => other,
+            };
+            return self.legit(from, token, body);
+        }
         assert!(!mine.is_empty(), "a well-behaved client's {what} from {from} is answered");
         mine
     }
@@ -279,7 +343,8 @@ impl Harness {
             return;
         }
         for seq in std::mem::take(&mut self.alice_acks) {
-            let ack = proto::encode_client(&ClientMsg::PushAck { token: self.alice, seq });
+            let ack =
+                proto::encode_client(&ClientMsg::PushAck { token: self.alice, epoch: self.alice_epoch, seq });
             self.receive(ALICE, &ack);
         }
         self.end_turn(0);
@@ -289,7 +354,8 @@ impl Harness {
     fn alice_ping(&mut self) {
         self.alice_ack();
         let r = self.legit(ALICE, Some(self.alice), RequestBody::Ping);
-        assert!(r.contains(&Ok(Response::Pong)), "alice's ping is answered Pong, not {r:?}");
+        let pong = Ok(Response::SessionPong { epoch: self.alice_epoch });
+        assert!(r.contains(&pong), "alice's ping is answered {pong:?}, not {r:?}");
         self.alice_last_ping = self.now;
     }
 
@@ -312,13 +378,23 @@ impl Harness {
     /// One received datagram.
     fn receive(&mut self, from: SocketAddr, bytes: &[u8]) {
         *self.bytes_in.entry(from).or_default() += bytes.len() as u64;
-        self.heard.insert(from);
+        let heard = self.heard.entry(from).or_default();
+        *heard = (*heard).max(bytes.len());
+        let token = match proto::decode_client(bytes) {
+            Ok(ClientMsg::Request(r)) => r.token,
+            Ok(ClientMsg::PushAck { token, .. } | ClientMsg::PushAcks { token, .. }) => Some(token),
+            Ok(ClientMsg::PathResponse { token, .. }) => Some(token),
+            Err(_) => None,
+        };
+        if let Some(t) = token.filter(|t| self.issued.contains(&t.0)) {
+            self.token_addrs.insert(from);
+            if self.issued_to.get(&t.0) == Some(&from) {
+                // The token came back from where it was sent: that address receives.
+                self.proven.insert(from);
+            }
+        }
         if let Ok(ClientMsg::Request(req)) = proto::decode_client(bytes) {
             let authed = req.token.is_some_and(|t| self.issued.contains(&t.0));
-            if authed {
-                // A request with a valid token moves the session's push address here.
-                self.session_addrs.insert(from);
-            }
             let e = self.requests.entry((from, req.id)).or_default();
             e.max_len = e.max_len.max(bytes.len());
             if authed {
@@ -340,9 +416,12 @@ impl Harness {
 
     /// Ends an event-loop turn as the daemon does (password results, commit, send) and checks
     /// what was sent. `mode`: bit 1 keeps the password jobs queued, bit 2 fails the commit.
-    /// Returns the replies sent: (to, id, result).
+    /// Returns the replies sent, (to, id, result), and the cookie retries, (to, id).
     #[allow(clippy::type_complexity)]
-    fn end_turn(&mut self, mode: u8) -> Vec<(SocketAddr, u64, Result<Response, ErrorCode>)> {
+    fn end_turn(
+        &mut self,
+        mode: u8,
+    ) -> (Vec<(SocketAddr, u64, Result<Response, ErrorCode>)>, Vec<(SocketAddr, u64)>) {
         while let Some(job) = self.server.poll_password_job() {
             self.jobs.push(job);
         }
@@ -373,6 +452,8 @@ impl Harness {
             "max_sessions is a hard limit"
         );
         let mut replies = Vec::new();
+        let mut retries = Vec::new();
+        let sources = sources();
         while let Some(t) = self.server.poll_transmit() {
             let (to, len) = (t.to, t.bytes.len());
             assert!(len <= proto::MAX_DATAGRAM, "a {len} byte datagram to {to}");
@@ -383,16 +464,32 @@ impl Harness {
             }
             match proto::decode_server(&t.bytes) {
                 Ok(ServerMsg::Push { seq, .. }) => {
-                    assert!(self.session_addrs.contains(&to), "a push to {to}, which never held a session");
+                    assert!(self.proven.contains(&to), "a push to {to}, which never proved it receives");
                     if to == ALICE {
                         self.alice_acks.push(seq);
                     }
                 }
                 Ok(ServerMsg::Pushes { first_seq, messages, .. }) => {
-                    assert!(self.session_addrs.contains(&to), "pushes to {to}, which never held a session");
+                    assert!(self.proven.contains(&to), "pushes to {to}, which never proved it receives");
                     if to == ALICE {
                         self.alice_acks.extend((first_seq..).take(messages.len()));
                     }
+                }
+                Ok(ServerMsg::PathChallenge { session, data }) => {
+                    let token = self.issued.iter().find(|t| Token(**t).session_id() == session).copied();
+                    let token = token.expect("a challenge for a session that was never opened");
+                    if RESPONSIVE.iter().any(|i| sources[*i] == to) {
+                        let answer = ClientMsg::PathResponse { token: Token(token), data };
+                        self.responses.push((to, proto::encode_client(&answer)));
+                    }
+                }
+                Ok(ServerMsg::Retry { id, cookie }) => {
+                    let Some(sent) = self.requests.get(&(to, id)).copied() else {
+                        panic!("a retry #{id} to {to}, which never sent request #{id}")
+                    };
+                    assert!(len <= sent.max_unauth_len, "a {len} byte retry for a smaller request");
+                    self.cookies.insert(to, cookie);
+                    retries.push((to, id));
                 }
                 Ok(ServerMsg::Reply { id, result }) => {
                     let Some(sent) = self.requests.get(&(to, id)).copied() else {
@@ -415,27 +512,37 @@ impl Harness {
                         if self.issued.insert(token.0) && self.ready {
                             self.tokens.push(*token);
                         }
-                        self.session_addrs.insert(to);
+                        self.issued_to.insert(token.0, to);
                     }
                     replies.push((to, id, result));
                 }
                 Err(_) => {
-                    assert_eq!(t.bytes, proto::version_notice(), "undecodable datagram to {to}");
                     assert!(
-                        self.heard.contains(&to),
-                        "a version notice to {to}, not heard from in this turn"
+                        t.bytes.starts_with(&proto::version_notice(b"UM\x00")[..3])
+                            && (len == 3 || t.bytes[3] == proto::NOTICE_TAG),
+                        "undecodable datagram to {to}"
                     );
+                    let Some(&heard) = self.heard.get(&to) else {
+                        panic!("a version notice to {to}, not heard from in this turn")
+                    };
+                    assert!(len <= heard, "a {len} byte version notice for at most {heard} bytes");
                 }
             }
         }
         self.heard.clear();
         for (to, out) in &self.bytes_out {
-            if !self.session_addrs.contains(to) {
-                let got = self.bytes_in.get(to).copied().unwrap_or(0);
+            let got = self.bytes_in.get(to).copied().unwrap_or(0);
+            if !self.token_addrs.contains(to) {
                 assert!(*out <= got, "amplification: {to} sent {got} bytes in all and was sent {out}");
+            } else if !self.proven.contains(to) {
+                assert!(
+                    *out <= 3 * got,
+                    "amplification: {to}, which sent a token but never proved it receives, sent {got} bytes \
+                     in all and was sent {out}"
+                );
             }
         }
-        replies
+        (replies, retries)
     }
 
     /// Plays `bytes` to the reflecting daemon as if it came from a peer daemon that answers the
@@ -470,8 +577,9 @@ impl Harness {
         );
     }
 
-    /// Replaces each token slot in `d` by a real token.
-    fn fill_slots(&self, d: &mut [u8]) {
+    /// Replaces each token slot in `d` by a real token, and each cookie slot by the newest
+    /// cookie `from` was given.
+    fn fill_slots(&self, from: SocketAddr, d: &mut [u8]) {
         let mut i = 0;
         while i + 16 <= d.len() {
             if d[i..i + 15] == TOKEN_SLOT {
@@ -479,10 +587,28 @@ impl Harness {
                 let t = self.tokens[k % self.tokens.len()];
                 d[i..i + 16].copy_from_slice(&t.0);
                 i += 16;
+            } else if d[i..i + 15] == COOKIE_SLOT {
+                if let Some(c) = self.cookies.get(&from) {
+                    d[i..i + 16].copy_from_slice(&c.0);
+                }
+                i += 16;
             } else {
                 i += 1;
             }
         }
+    }
+
+    /// The responsive addresses answer the challenges they were sent, in a turn of their own.
+    fn answer_challenges(&mut self) {
+        let responses = std::mem::take(&mut self.responses);
+        if responses.is_empty() {
+            return;
+        }
+        for (from, bytes) in responses {
+            self.proven.insert(from);
+            self.receive(from, &bytes);
+        }
+        self.end_turn(0);
     }
 }
 
@@ -515,11 +641,13 @@ fn run_with(data: &[u8], log: Option<&mut Vec<String>>) {
         rest = &tail[len..];
         mode = *m;
         if !turn_open {
+            h.answer_challenges();
             h.alice_ack();
             h.advance(Duration::from_millis(ADVANCE_MS[((src >> 3) & 7) as usize]));
         }
-        h.fill_slots(&mut datagram);
-        h.receive(sources[(src & 7) as usize], &datagram);
+        let from = sources[(src & 7) as usize];
+        h.fill_slots(from, &mut datagram);
+        h.receive(from, &datagram);
         turn_open = mode & 1 != 0;
         if !turn_open {
             h.end_turn(mode);
@@ -530,6 +658,7 @@ fn run_with(data: &[u8], log: Option<&mut Vec<String>>) {
     }
     // The workers finish whatever is queued; then alice is still served.
     h.end_turn(0);
+    h.answer_challenges();
     h.alice_ping();
     if let (Some(out), Some(log)) = (log, h.log.take()) {
         *out = log;

@@ -17,13 +17,23 @@
 //! [`State::Ready`] → (submit or keepalive) → [`State::Awaiting`] → (matching reply, or give-up
 //! after `request_max_tries`) → `Ready`. A reply whose id is not the outstanding one (late, or a
 //! duplicate) is ignored. Every transition goes through `set_state`, which logs it at debug.
+//!
+//! # What the daemon may ask for (protocol v3)
+//!
+//! - A [`ServerMsg::Retry`] answers a login or registration that must first prove its address:
+//!   the client sends it again at once with the cookie (and keeps the cookie for the next one).
+//! - A [`ServerMsg::PathChallenge`] for our session (our address changed, or the daemon
+//!   restarted) is echoed at once in a [`ClientMsg::PathResponse`]; pushes resume when it
+//!   arrives.
+//! - A version notice counts only if it echoes the start of the request it answers; one that
+//!   does not (a v2 daemon's, or a forged one) is remembered and named only if no answer comes.
 
 mod push;
 
 use crate::command::Command;
 use crate::config::ClientConfig;
 use crate::proto::{
-    self, ClientMsg, ErrorCode, Message, Relation, Request, RequestBody, Response, ServerMsg, Token,
+    self, ClientMsg, Cookie, ErrorCode, Message, Relation, Request, RequestBody, Response, ServerMsg, Token,
 };
 use crate::rtt::RttEstimator;
 use log::{debug, trace};
@@ -168,6 +178,12 @@ struct Pending {
     op: Op,
     id: u64,
     bytes: Vec<u8>,
+    /// A login's or registration's request, to send again with a cookie if asked to.
+    body: Option<RequestBody>,
+    /// Cookie retries so far (a daemon asking again and again is refused after a few).
+    retries: u8,
+    /// A version notice that did not echo this request: named if no answer comes.
+    notice: Option<u8>,
     /// When the current request (page) was first sent; for the RTT sample.
     first_sent: Instant,
     /// When the command started; for the user-visible ping time.
@@ -195,9 +211,13 @@ pub struct Client {
     rtt: RttEstimator,
     pending: Option<Pending>,
     out: VecDeque<Vec<u8>>,
-    /// Pushes to ack, with the session they came for: sent together by the next
+    /// Pushes to ack, with the session and epoch they came for: sent together by the next
     /// `poll_transmit`, so one read of the socket costs one ack datagram, not one per push.
-    acks: Option<(Token, Vec<u64>)>,
+    acks: Option<(Token, u32, Vec<u64>)>,
+    /// The last cookie the daemon gave us, sent with the next login or registration.
+    cookie: Option<Cookie>,
+    /// A push of an epoch no answer has named arrived: ask (with a ping) when ready.
+    want_epoch: bool,
     events: VecDeque<Event>,
     pushes: PushReceiver,
     /// Pushes that arrived while the login was being confirmed: shown right after "logged in".
@@ -217,6 +237,8 @@ impl Client {
             state: State::Ready,
             session: None,
             acks: None,
+            cookie: None,
+            want_epoch: false,
             next_id: first_request_id,
             pending: None,
             out: VecDeque::new(),
@@ -267,12 +289,14 @@ impl Client {
         }
         let (op, body) = match cmd {
             Command::Help | Command::Quit => return Err(SubmitError::Local),
-            Command::Register { user, password } => {
-                (Op::Register { user: user.clone() }, RequestBody::Register { user, password, pad: vec![] })
-            }
-            Command::Login { user, password } => {
-                (Op::Login { user: user.clone() }, RequestBody::Login { user, password, pad: vec![] })
-            }
+            Command::Register { user, password } => (
+                Op::Register { user: user.clone() },
+                RequestBody::Register { user, password, cookie: self.cookie, pad: vec![] },
+            ),
+            Command::Login { user, password } => (
+                Op::Login { user: user.clone() },
+                RequestBody::Login { user, password, cookie: self.cookie, pad: vec![] },
+            ),
             Command::Logout => (Op::Logout, RequestBody::Logout),
             Command::Subscribe { user } => {
                 (Op::Subscribe { user: user.clone() }, RequestBody::Subscribe { user })
@@ -304,10 +328,11 @@ impl Client {
     fn start(&mut self, now: Instant, op: Op, body: RequestBody, started: Instant) {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let token = match body {
-            // Login and register never carry an old token.
-            RequestBody::Login { .. } | RequestBody::Register { .. } => None,
-            _ => self.session.as_ref().map(|(t, _)| *t),
+        let (token, keep) = match body {
+            // Login and register never carry an old token; they are kept in case the daemon
+            // asks for them again with a cookie.
+            RequestBody::Login { .. } | RequestBody::Register { .. } => (None, Some(body.clone())),
+            _ => (self.session.as_ref().map(|(t, _)| *t), None),
         };
         // Register and login are padded so the daemon may answer them (anti-amplification).
         let bytes = proto::encode_request(Request { id, token, body });
@@ -315,7 +340,18 @@ impl Client {
         trace!("sending {} #{id} ({} bytes)", op.name(), bytes.len());
         self.out.push_back(bytes.clone());
         self.last_sent = now;
-        self.pending = Some(Pending { op, id, bytes, first_sent: now, started, tries: 1, deadline });
+        self.pending = Some(Pending {
+            op,
+            id,
+            bytes,
+            body: keep,
+            retries: 0,
+            notice: None,
+            first_sent: now,
+            started,
+            tries: 1,
+            deadline,
+        });
         self.set_state(State::Awaiting);
     }
 
@@ -328,9 +364,15 @@ impl Client {
         let msg = match proto::decode_server(bytes) {
             Ok(m) => m,
             Err(proto::DecodeError::Version(v)) => {
-                if let Some(p) = self.pending.take() {
+                let Some(p) = &mut self.pending else { return };
+                if proto::notice_answers(bytes, &p.bytes) {
+                    let p = self.pending.take().expect("checked");
                     self.events.push_back(Event::VersionMismatch { command: p.op.name(), server_version: v });
                     self.set_state(State::Ready);
+                } else {
+                    // Proves nothing (anyone can send three bytes): said only if no answer comes.
+                    debug!("a version notice (v{v}) that does not echo our request");
+                    p.notice = Some(v);
                 }
                 return;
             }
@@ -349,10 +391,45 @@ impl Client {
                 }
             }
             ServerMsg::Reply { id, result } => self.on_reply(now, id, result),
+            ServerMsg::Retry { id, cookie } => self.on_retry(now, id, cookie),
+            ServerMsg::PathChallenge { session, data } => {
+                if let Some(&(token, _)) = self.session.as_ref().filter(|(t, _)| t.session_id() == session) {
+                    self.out.push_back(proto::encode_client(&ClientMsg::PathResponse { token, data }));
+                }
+            }
         }
     }
 
-    fn on_push(&mut self, _now: Instant, session: u64, epoch: u32, seq: u64, message: Message) {
+    /// The daemon wants the outstanding login or registration again, with a cookie that proves
+    /// our address.
+    fn on_retry(&mut self, now: Instant, id: u64, cookie: Cookie) {
+        const MAX_RETRIES: u8 = 3;
+        let Some(p) = self.pending.take_if(|p| p.id == id && p.body.is_some()) else {
+            trace!("ignoring a retry for #{id}");
+            return;
+        };
+        self.cookie = Some(cookie);
+        let name = p.op.name();
+        let mut body = p.body.expect("checked");
+        if p.retries >= MAX_RETRIES {
+            self.events.push_back(Event::Failed { command: name, error: ErrorCode::Busy });
+            self.set_state(State::Ready);
+            return;
+        }
+        match &mut body {
+            RequestBody::Login { cookie: c, .. } | RequestBody::Register { cookie: c, .. } => {
+                *c = Some(cookie)
+            }
+            _ => {}
+        }
+        let retries = p.retries + 1;
+        self.start(now, p.op, body, p.started);
+        if let Some(p) = &mut self.pending {
+            p.retries = retries;
+        }
+    }
+
+    fn on_push(&mut self, now: Instant, session: u64, epoch: u32, seq: u64, message: Message) {
         let Some((token, _)) = self.session else {
             // Not logged in (or the login reply is still on its way): without a token we cannot
             // ack; the server retransmits.
@@ -367,14 +444,35 @@ impl Client {
             PushOutcome::Stale => return, // from a previous run of the daemon: nobody to ack
             PushOutcome::Buffered | PushOutcome::Duplicate => {}
             PushOutcome::Full => return, // no ack: the server will retransmit
-            PushOutcome::Ready(msgs) if self.confirming_login() => self.early_pushes.extend(msgs),
-            PushOutcome::Ready(msgs) => self.events.extend(msgs.into_iter().map(Event::Push)),
+            PushOutcome::Unconfirmed => {
+                // The daemon restarted (or someone forges pushes): ask it which epoch it is in.
+                self.want_epoch = true;
+                if self.is_ready() {
+                    self.start(now, Op::Ping { user_asked: false }, RequestBody::Ping, now);
+                }
+                return;
+            }
+            PushOutcome::Ready(msgs) => self.show(msgs),
         }
-        // Ack every push we keep, duplicates too: the first ack may have been lost.
-        if self.acks.as_ref().is_some_and(|(t, _)| *t != token) {
+        self.ack(token, epoch, seq);
+    }
+
+    /// Shows pushed messages, or holds them while the login is being confirmed.
+    fn show(&mut self, msgs: Vec<Message>) {
+        if self.confirming_login() {
+            self.early_pushes.extend(msgs);
+        } else {
+            self.events.extend(msgs.into_iter().map(Event::Push));
+        }
+    }
+
+    /// Queues an ack; every push we keep is acked, duplicates too (the first ack may have been
+    /// lost).
+    fn ack(&mut self, token: Token, epoch: u32, seq: u64) {
+        if self.acks.as_ref().is_some_and(|(t, e, _)| *t != token || *e != epoch) {
             self.flush_acks();
         }
-        let seqs = &mut self.acks.get_or_insert_with(|| (token, Vec::new())).1;
+        let seqs = &mut self.acks.get_or_insert_with(|| (token, epoch, Vec::new())).2;
         if !seqs.contains(&seq) {
             seqs.push(seq);
         }
@@ -383,11 +481,24 @@ impl Client {
         }
     }
 
+    /// An answer to our own request named the epoch the daemon numbers pushes in.
+    fn confirm_epoch(&mut self, epoch: u32) {
+        self.want_epoch = false;
+        let Some(&(token, _)) = self.session.as_ref() else { return };
+        let (msgs, acks) = self.pushes.confirm(epoch);
+        self.show(msgs);
+        for seq in acks {
+            self.ack(token, epoch, seq);
+        }
+    }
+
     /// Turns the pending acks into one datagram.
     fn flush_acks(&mut self) {
         let msg = match self.acks.take() {
-            Some((token, seqs)) if seqs.len() == 1 => ClientMsg::PushAck { token, seq: seqs[0] },
-            Some((token, seqs)) if !seqs.is_empty() => ClientMsg::PushAcks { token, seqs },
+            Some((token, epoch, seqs)) if seqs.len() == 1 => {
+                ClientMsg::PushAck { token, epoch, seq: seqs[0] }
+            }
+            Some((token, epoch, seqs)) if !seqs.is_empty() => ClientMsg::PushAcks { token, epoch, seqs },
             _ => return,
         };
         self.out.push_back(proto::encode_client(&msg));
@@ -422,9 +533,9 @@ impl Client {
         };
         let done = match (p.op, response) {
             (Op::Register { user }, Response::Registered) => Done::Registered { user },
-            (Op::Login { user }, Response::LoggedIn { token, missed, catching_up }) => {
+            (Op::Login { user }, Response::LoggedIn { token, missed, catching_up, epoch }) => {
                 self.session = Some((token, user.clone()));
-                self.pushes.reset();
+                self.pushes.reset(epoch);
                 // The daemon pushes only to an address the token has come back from: confirm
                 // ours at once (a request, so it is retransmitted until answered).
                 self.start(now, Op::ConfirmLogin { user, missed, catching_up }, RequestBody::Ping, p.started);
@@ -481,10 +592,14 @@ impl Client {
                 self.session = None;
                 Done::Deleted
             }
-            (Op::ConfirmLogin { user, missed, catching_up }, Response::Pong) => {
+            (Op::ConfirmLogin { user, missed, catching_up }, Response::SessionPong { epoch }) => {
+                self.confirm_epoch(epoch);
                 Done::LoggedIn { user, missed, catching_up }
             }
-            (Op::Ping { user_asked }, Response::Pong) => {
+            (Op::Ping { user_asked }, pong @ (Response::Pong | Response::SessionPong { .. })) => {
+                if let Response::SessionPong { epoch } = pong {
+                    self.confirm_epoch(epoch);
+                }
                 if !user_asked {
                     self.set_state(State::Ready);
                     return;
@@ -511,7 +626,11 @@ impl Client {
             if p.tries >= self.cfg.request_max_tries {
                 let p = self.pending.take().expect("checked");
                 debug!("{} #{}: no answer after {} tries", p.op.name(), p.id, p.tries);
-                if !matches!(p.op, Op::Ping { user_asked: false }) {
+                if let Some(v) = p.notice {
+                    // Only notices came back: most likely a daemon of another version that
+                    // does not echo (v2).
+                    self.events.push_back(Event::VersionMismatch { command: p.op.name(), server_version: v });
+                } else if !matches!(p.op, Op::Ping { user_asked: false }) {
                     self.events.push_back(Event::NoAnswer {
                         command: p.op.name(),
                         server: self.server,
@@ -534,7 +653,7 @@ impl Client {
             self.last_sent = now;
             return;
         }
-        if self.session.is_some() && now >= self.last_sent + self.ping_interval() {
+        if self.session.is_some() && (self.want_epoch || now >= self.last_sent + self.ping_interval()) {
             self.start(now, Op::Ping { user_asked: false }, RequestBody::Ping, now);
         }
     }
@@ -566,6 +685,7 @@ impl Client {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.pending {
             Some(p) => Some(p.deadline),
+            None if self.session.is_some() && self.want_epoch => Some(self.last_sent),
             None if self.session.is_some() => Some(self.last_sent + self.ping_interval()),
             None => None,
         }

@@ -5,25 +5,33 @@
 //!
 //! | request | needs session | errors |
 //! |---|---|---|
-//! | Register{user,password} | no | RegistrationClosed, InvalidName, InvalidPassword, NameTaken, Busy |
-//! | Login{user,password} | no | BadCredentials, TooManySessions, Busy |
+//! | Register{user,password,cookie} | no (always a cookie) | RegistrationClosed, InvalidName, InvalidPassword, NameTaken, TooManyAccounts, RateLimited, Busy |
+//! | Login{user,password,cookie} | no (a cookie when asked) | BadCredentials, TooManySessions, RateLimited, Busy |
 //! | Logout | yes | NotLoggedIn, SessionExpired |
 //! | Subscribe{user} | yes | NoSuchUser, CannotSubscribeToSelf, AlreadySubscribed, TooManySubscriptions |
 //! | Unsubscribe{user} | yes | NoSuchUser, NotSubscribed |
-//! | Post{text} | yes | EmptyText, TextTooLong |
-//! | Send{to,text} | yes | NoSuchUser, EmptyText, TextTooLong |
+//! | Post{text} | yes | EmptyText, TextTooLong, InvalidText, RateLimited |
+//! | Send{to,text} | yes | NoSuchUser, EmptyText, TextTooLong, InvalidText, RateLimited |
 //! | Retrieve{count,before} | yes | CountOutOfRange |
 //! | ListUsers{pattern,after} | yes | InvalidPattern |
 //! | Ping, WhoAmI, Subscriptions | yes | |
-//! | DeleteAccount{password} | yes | BadCredentials, Busy |
+//! | DeleteAccount{password} | yes | BadCredentials, RateLimited, Busy |
+//!
+//! A login or registration that needs a cookie is answered with [`proto::ServerMsg::Retry`]
+//! instead (see [`super::cookie`] and [`super::login_limits`]).
 
+use super::login_limits::{self, Verdict};
+use super::throttle::Prefix;
 use super::{Account, Auth, Held, ReplyTo, Server, Session, Slot};
 use crate::password::{JobKind, PasswordOutcome};
-use crate::proto::{self, EncodedMessage, ErrorCode, Message, Relation, RequestBody, Response, Token};
+use crate::proto::{
+    self, Cookie, EncodedMessage, ErrorCode, Message, Relation, RequestBody, Response, Token,
+};
 use crate::store::Write;
 use log::info;
+use std::ops::Bound;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 type Answer = Option<Result<Response, ErrorCode>>;
 
@@ -36,13 +44,13 @@ impl Server {
         token: Option<Token>,
         body: RequestBody,
     ) -> Answer {
-        if let Slot::Global(key) = reply.slot {
-            // Retransmissions while this runs are ignored rather than executed again.
-            self.replies.insert(now, key, super::Entry::Pending);
-        }
         let answer = match (body, session) {
-            (RequestBody::Register { user, password, .. }, _) => self.register(now, reply, user, password),
-            (RequestBody::Login { user, password, .. }, _) => self.login(now, reply, user, password),
+            (RequestBody::Register { user, password, cookie, .. }, _) => {
+                self.register(now, reply, user, password, cookie)
+            }
+            (RequestBody::Login { user, password, cookie, .. }, _) => {
+                self.login(now, reply, user, password, cookie)
+            }
             // Health checks: a ping without a token is answered (with as many bytes as it had).
             (RequestBody::Ping, None) if token.is_none() => Some(Ok(Response::Pong)),
             (_, None) => Some(Err(self.no_session_error(token))),
@@ -73,37 +81,28 @@ impl Server {
             }
             RequestBody::Subscribe { user: target } => self.subscribe(&user, target),
             RequestBody::Unsubscribe { user: target } => self.unsubscribe(&user, target),
-            RequestBody::Post { text } => self.post(&user, None, text),
-            RequestBody::Send { to, text } => self.post(&user, Some(to), text),
+            RequestBody::Post { text } => self.post(now, &user, None, text),
+            RequestBody::Send { to, text } => self.post(now, &user, Some(to), text),
             RequestBody::Retrieve { count, before } => self.retrieve(&user, count, before),
             RequestBody::ListUsers { pattern, after } => self.list_users(pattern, after),
-            RequestBody::Ping => Ok(Response::Pong),
+            RequestBody::Ping => Ok(Response::SessionPong { epoch: self.epoch }),
             RequestBody::WhoAmI => Ok(Response::Me {
                 sessions: self.users.get(&user).map_or(0, |a| a.sessions.len() as u32),
                 user,
             }),
             RequestBody::Subscriptions { after } => self.relations(&user, after),
-            RequestBody::DeleteAccount { password } => {
-                let hash = self.users.get(&user)?.password_hash.clone();
-                let slot = super::reply_cache::Key::Token(token, reply.id);
-                let reply = ReplyTo { slot: Slot::Global(slot), ..reply };
-                self.replies.insert(now, slot, super::Entry::Pending);
-                return match self.submit_job(
-                    now,
-                    JobKind::Verify { password, hash },
-                    Auth::Delete { user, reply, token },
-                ) {
-                    Ok(()) => None,
-                    Err(e) => {
-                        self.replies.remove(&slot);
-                        Some(Err(e))
-                    }
-                };
-            }
+            RequestBody::DeleteAccount { password } => return self.delete(now, reply, token, user, password),
         })
     }
 
-    fn register(&mut self, now: Instant, reply: ReplyTo, user: String, password: String) -> Answer {
+    fn register(
+        &mut self,
+        now: Instant,
+        reply: ReplyTo,
+        user: String,
+        password: String,
+        cookie: Option<Cookie>,
+    ) -> Answer {
         if !self.cfg.allow_registration {
             return Some(Err(ErrorCode::RegistrationClosed));
         }
@@ -120,15 +119,23 @@ impl Server {
         if self.users.len() + self.reserved.len() >= self.cfg.max_accounts as usize {
             return Some(Err(ErrorCode::TooManyAccounts { max: self.cfg.max_accounts }));
         }
-        // Each attempt that would cost a hash takes a token from the address's bucket.
-        if let Err(wait) = self.register_by_addr.take(now, &reply.to.ip()) {
-            self.stats.registrations_throttled += 1;
-            let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u32;
-            return Some(Err(ErrorCode::RateLimited { retry_after_secs }));
+        // An account is only ever made for an address that receives our answers: a registration
+        // always needs a cookie (one round trip more, once per account), so spoofed ones cost
+        // nothing and create nothing.
+        if !self.proven(now, reply.to, cookie.as_ref()) {
+            self.retry(now, reply);
+            return None;
         }
+        // Each attempt that would cost a hash takes a token from the address's bucket.
+        if let Err(wait) = self.register_by_addr.take(now, &Prefix::of(reply.to.ip())) {
+            self.stats.registrations_throttled += 1;
+            return Some(Err(rate_limited(wait)));
+        }
+        self.next_sweep.get_or_insert(now + super::SWEEP);
         let job = JobKind::Hash { password, params: self.hash_params };
         match self.submit_job(now, job, Auth::Register { user: user.clone(), reply }) {
             Ok(()) => {
+                self.pending(now, reply);
                 self.reserved.insert(user);
                 None
             }
@@ -136,31 +143,60 @@ impl Server {
         }
     }
 
-    fn login(&mut self, now: Instant, reply: ReplyTo, user: String, password: String) -> Answer {
-        if password.len() > self.cfg.max_password_len as usize {
-            return Some(Err(ErrorCode::BadCredentials));
+    /// Whether `cookie` proves that `from` receives what we send it.
+    fn proven(&mut self, now: Instant, from: std::net::SocketAddr, cookie: Option<&Cookie>) -> bool {
+        cookie.is_some_and(|c| self.cookies.check(now, self.rng.as_mut(), from, c))
+    }
+
+    /// Whether the password workers have more than they can start at once: from then on,
+    /// only logins from proven addresses are hashed.
+    fn under_load(&self) -> bool {
+        self.auth.len() >= self.cfg.password_workers as usize
+    }
+
+    /// Marks a login or registration as under way in the reply cache: its retransmissions are
+    /// ignored rather than run again. Only a request that got this far has an entry.
+    fn pending(&mut self, now: Instant, reply: ReplyTo) {
+        if let Slot::Global(key) = reply.slot {
+            self.replies.insert(now, key, super::Entry::Pending);
         }
-        if !proto::valid_name(&user, proto::MAX_NAME_LEN) {
+    }
+
+    fn login(
+        &mut self,
+        now: Instant,
+        reply: ReplyTo,
+        user: String,
+        password: String,
+        cookie: Option<Cookie>,
+    ) -> Answer {
+        if password.len() > self.cfg.max_password_len as usize
+            || !proto::valid_name(&user, proto::MAX_NAME_LEN)
+        {
             // No such account can exist; say so the same way, without hashing.
             return Some(Err(ErrorCode::BadCredentials));
         }
-        // Throttled attempts are refused before any hashing: they cost us nothing. The account's
-        // bucket lives in the account (nobody can evict it by flooding other names); unknown
-        // names are limited by the address's bucket alone.
-        let ip = reply.to.ip();
-        let (burst, refill) = (self.cfg.login_failures_per_user_burst, self.login_refill());
-        let account_wait = self.users.get(&user).and_then(|a| a.login_bucket.blocked(now, burst, refill));
-        let wait = account_wait.max(self.login_by_addr.blocked(now, &ip));
-        if let Some(wait) = wait {
-            self.stats.logins_throttled += 1;
-            let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u32;
-            return Some(Err(ErrorCode::RateLimited { retry_after_secs }));
+        if self.sessions.len() >= self.cfg.max_sessions as usize {
+            // Full whoever logs in: say so before any hashing.
+            self.stats.busy += 1;
+            return Some(Err(ErrorCode::Busy));
         }
-        // Every attempt takes a token; a successful one gives it back.
-        if let Some(acc) = self.users.get_mut(&user) {
-            let _ = acc.login_bucket.take(now, burst, refill);
-        }
-        let _ = self.login_by_addr.take(now, &ip);
+        let proven = self.proven(now, reply.to, cookie.as_ref());
+        let prefix = Prefix::of(reply.to.ip());
+        let known = self.users.get(&user).is_some_and(|a| a.known.contains(&prefix));
+        let under_load = self.under_load();
+        let charged = match self.limits.admit(now, &user, reply.to.ip(), proven, known, under_load) {
+            Verdict::Go(charged) => charged,
+            Verdict::Retry => {
+                self.retry(now, reply);
+                return None;
+            }
+            Verdict::Wait(wait) => {
+                self.stats.logins_throttled += 1;
+                return Some(Err(rate_limited(wait)));
+            }
+        };
+        self.next_sweep.get_or_insert(now + super::SWEEP);
         // An unknown user is verified against a dummy hash, so that it costs the same time as a
         // wrong password; the outcome is ignored.
         let hash = match self.users.get(&user) {
@@ -168,15 +204,63 @@ impl Server {
             None => self.dummy_hash.clone(),
         };
         let job = JobKind::Verify { password, hash: hash.clone() };
-        match self.submit_job(now, job, Auth::Login { user: user.clone(), reply, hash }) {
-            Ok(()) => None,
+        match self.submit_job(now, job, Auth::Login { user, reply, hash, charged: charged.clone() }) {
+            Ok(()) => {
+                self.pending(now, reply);
+                None
+            }
             Err(e) => {
-                if let Some(acc) = self.users.get_mut(&user) {
-                    acc.login_bucket.give_back(burst);
-                }
-                self.login_by_addr.give_back(&ip);
+                self.limits.refund(&charged);
                 Some(Err(e))
             }
+        }
+    }
+
+    /// Deleting one's account checks the password again: through the same limits as a login,
+    /// and one check at a time per session, so a session (or a stolen token) is no faster a
+    /// password oracle than the login.
+    fn delete(
+        &mut self,
+        now: Instant,
+        reply: ReplyTo,
+        token: Token,
+        user: String,
+        password: String,
+    ) -> Answer {
+        let hash = self.users.get(&user)?.password_hash.clone();
+        let s = self.sessions.get_mut(&token)?;
+        if s.password_job {
+            return Some(Err(ErrorCode::Busy));
+        }
+        // From the session's proven address it counts as proven; from anywhere else it cannot
+        // be (there is no cookie to show), and when the unproven allowance is gone it waits.
+        let proven = s.verified && s.addr == Some(reply.to);
+        let prefix = Prefix::of(reply.to.ip());
+        let known = self.users.get(&user).is_some_and(|a| a.known.contains(&prefix));
+        match self.limits.admit(now, &user, reply.to.ip(), proven, known, false) {
+            Verdict::Go(_) => {}
+            Verdict::Retry => {
+                self.stats.logins_throttled += 1;
+                let refill = Duration::from_secs(self.cfg.login_failures_per_user_refill_secs);
+                return Some(Err(rate_limited(refill)));
+            }
+            Verdict::Wait(wait) => {
+                self.stats.logins_throttled += 1;
+                return Some(Err(rate_limited(wait)));
+            }
+        }
+        self.next_sweep.get_or_insert(now + super::SWEEP);
+        let slot = super::reply_cache::Key::Token(token, reply.id);
+        let reply = ReplyTo { slot: Slot::Global(slot), ..reply };
+        match self.submit_job(now, JobKind::Verify { password, hash }, Auth::Delete { user, reply, token }) {
+            Ok(()) => {
+                self.pending(now, reply);
+                if let Some(s) = self.sessions.get_mut(&token) {
+                    s.password_job = true;
+                }
+                None
+            }
+            Err(e) => Some(Err(e)),
         }
     }
 
@@ -206,15 +290,18 @@ impl Server {
                 self.forget_error(reply, &result);
                 (reply, result)
             }
-            Auth::Login { user, reply, hash } => {
+            Auth::Login { user, reply, hash, charged } => {
                 let ok = outcome == PasswordOutcome::Verified(true)
                     && self.users.get(&user).is_some_and(|a| a.password_hash == hash);
                 if ok {
-                    let burst = self.cfg.login_failures_per_user_burst;
+                    self.limits.refund(&charged);
                     if let Some(acc) = self.users.get_mut(&user) {
-                        acc.login_bucket.give_back(burst);
+                        // This address now knows the password: the per-account brake is not
+                        // for it.
+                        acc.known.retain(|p| *p != charged.prefix());
+                        acc.known.insert(0, charged.prefix());
+                        acc.known.truncate(login_limits::KNOWN_ADDRESSES);
                     }
-                    self.login_by_addr.give_back(&reply.to.ip());
                 }
                 let result =
                     if ok { self.open_session(now, reply, user) } else { Err(ErrorCode::BadCredentials) };
@@ -222,6 +309,9 @@ impl Server {
                 (reply, result)
             }
             Auth::Delete { user, reply, token } => {
+                if let Some(s) = self.sessions.get_mut(&token) {
+                    s.password_job = false;
+                }
                 let ok = outcome == PasswordOutcome::Verified(true) && self.sessions.contains_key(&token);
                 let result = if ok {
                     self.delete_account(&user, true);
@@ -247,6 +337,7 @@ impl Server {
 
     fn open_session(&mut self, now: Instant, reply: ReplyTo, user: String) -> Result<Response, ErrorCode> {
         let per_user = self.cfg.max_sessions_per_user;
+        let epoch = self.epoch;
         let acc = self.users.get(&user).ok_or(ErrorCode::BadCredentials)?;
         if acc.sessions.len() >= per_user as usize {
             return Err(ErrorCode::TooManySessions { max: per_user });
@@ -272,7 +363,7 @@ impl Server {
         self.hold(Held::Activate(token));
         self.schedule(token, now);
         info!("{user} logged in from {} ({} missed)", reply.to, missed.len());
-        Ok(Response::LoggedIn { token, missed: missed.len() as u32, catching_up: catching_up as u32 })
+        Ok(Response::LoggedIn { token, missed: missed.len() as u32, catching_up: catching_up as u32, epoch })
     }
 
     /// Removes an account from memory; `store_it` unless the store already has (an admin
@@ -307,7 +398,7 @@ impl Server {
         if target == user {
             return Err(ErrorCode::CannotSubscribeToSelf);
         }
-        if !self.users.contains_key(&target) {
+        if !proto::valid_name(&target, proto::MAX_NAME_LEN) || !self.users.contains_key(&target) {
             return Err(ErrorCode::NoSuchUser { user: target });
         }
         let max = self.cfg.max_subscriptions;
@@ -337,22 +428,56 @@ impl Server {
         Ok(Response::Unsubscribed)
     }
 
-    /// A post (to the author's subscribers) or, with `to`, a direct message.
-    fn post(&mut self, user: &str, to: Option<String>, text: String) -> Result<Response, ErrorCode> {
+    /// A post (to the author's subscribers) or, with `to`, a direct message. The author pays
+    /// for the work: each delivery takes a token from their budget (a post to many followers
+    /// goes through and makes the next one wait), and a direct message to someone who does not
+    /// follow the author takes one from the recipient's allowance of such messages, so nobody
+    /// can fill a stranger's inbox.
+    fn post(
+        &mut self,
+        now: Instant,
+        user: &str,
+        to: Option<String>,
+        text: String,
+    ) -> Result<Response, ErrorCode> {
         if text.is_empty() {
             return Err(ErrorCode::EmptyText);
         }
         if text.len() > self.cfg.max_text_bytes as usize {
             return Err(ErrorCode::TextTooLong { max: self.cfg.max_text_bytes });
         }
+        if let Some(c) = proto::forbidden_char(&text) {
+            return Err(ErrorCode::InvalidText { code_point: c as u32 });
+        }
         let recipients: Vec<String> = match &to {
-            Some(r) if self.users.contains_key(r) => vec![r.clone()],
+            Some(r) if proto::valid_name(r, proto::MAX_NAME_LEN) && self.users.contains_key(r) => {
+                vec![r.clone()]
+            }
             Some(r) => return Err(ErrorCode::NoSuchUser { user: r.clone() }),
             None => self.users.get(user).map(|a| a.followers.iter().cloned().collect()).unwrap_or_default(),
         };
+        let (dm_burst, dm_refill) =
+            (self.cfg.dms_from_strangers_burst, Duration::from_secs(self.cfg.dms_from_strangers_refill_secs));
+        let stranger = to.as_ref().filter(|r| !self.users[*r].following.contains(user));
+        if let Some(r) = stranger {
+            if let Some(wait) = self.users[r].stranger_dms.blocked(now, dm_burst, dm_refill) {
+                self.stats.deliveries_throttled += 1;
+                return Err(rate_limited(wait));
+            }
+        }
+        let per_sec = self.cfg.deliveries_per_user_per_sec;
+        let (burst, refill) = (per_sec.saturating_mul(10), Duration::from_secs(1) / per_sec);
+        let acc = self.users.get_mut(user).ok_or(ErrorCode::NotLoggedIn)?;
+        if let Err(wait) = acc.deliveries.charge(now, burst, refill, recipients.len().max(1) as f64) {
+            self.stats.deliveries_throttled += 1;
+            return Err(rate_limited(wait));
+        }
+        if let Some(r) = stranger {
+            let _ = self.users.get_mut(r).expect("checked").stranger_dms.take(now, dm_burst, dm_refill);
+        }
         let id = self.next_message_id;
         self.next_message_id += 1;
-        let message = Message { id, author: user.to_string(), to: to.clone(), text };
+        let message = Message { id, time: self.unix_ms(now), author: user.to_string(), to: to.clone(), text };
         let msg = Arc::new(EncodedMessage::new(message.clone()));
         for r in &recipients {
             self.deliver_to_inbox(r, &msg);
@@ -423,32 +548,39 @@ impl Server {
         Ok(Response::Users { names, next })
     }
 
+    /// One page of whom `user` follows and who follows them, in name order after `after`: a
+    /// merge of the two sorted sets from the cursor on, so a page costs what it holds, however
+    /// many followers there are.
     fn relations(&mut self, user: &str, after: Option<String>) -> Result<Response, ErrorCode> {
         let acc = self.users.get(user).ok_or(ErrorCode::NotLoggedIn)?;
         let start = after.unwrap_or_default();
-        let mut all: Vec<&String> = acc
-            .following
-            .iter()
-            .chain(acc.followers.iter())
-            .filter(|n| n.as_str() > start.as_str())
-            .collect();
-        all.sort();
-        all.dedup();
+        let from = (Bound::Excluded(start.as_str()), Bound::Unbounded);
+        let mut following = acc.following.range::<str, _>(from).peekable();
+        let mut followers = acc.followers.range::<str, _>(from).peekable();
         let mut entries = Vec::new();
         let mut used = 0;
         let mut next = None;
-        for name in all {
+        loop {
+            let name = match (following.peek(), followers.peek()) {
+                (None, None) => break,
+                (Some(a), None) => *a,
+                (None, Some(b)) => *b,
+                (Some(a), Some(b)) => (*a).min(*b),
+            };
             if !Self::page_fits(used, name.len() + 3) {
                 next = entries.last().map(|r: &Relation| r.user.clone());
                 break;
             }
             used += name.len() + 3;
-            entries.push(Relation {
-                user: name.clone(),
-                following: acc.following.contains(name),
-                follower: acc.followers.contains(name),
-            });
+            let following = following.next_if(|n| *n == name).is_some();
+            let follower = followers.next_if(|n| *n == name).is_some();
+            entries.push(Relation { user: name.clone(), following, follower });
         }
         Ok(Response::Relations { entries, next })
     }
+}
+
+/// "Too many attempts, retry in N s", N rounded up.
+fn rate_limited(wait: Duration) -> ErrorCode {
+    ErrorCode::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u32 }
 }

@@ -15,9 +15,22 @@
 //! 4. Drain output: [`Server::poll_transmit`] until `None`, then sleep until
 //!    [`Server::poll_timeout`].
 //!
-//! `now` must never go backwards between calls. Randomness (tokens) comes from the injected RNG.
+//! `now` must never go backwards between calls. Randomness (tokens, challenges, cookie
+//! secrets) comes from the injected RNG. Wall-clock time (the posting time of messages) is
+//! derived from `now` and the anchor the shell sets with [`Server::set_wall_clock`].
+//!
+//! # Who may cost what
+//!
+//! A datagram from an address that has not proven it receives our answers gets at most as many
+//! bytes back as it had (three times, for an address a session is being validated on:
+//! [`path`]), no state is kept for it until it passed validation, and nothing that costs a
+//! password hash or creates an account happens without a cookie when it matters
+//! ([`cookie`], [`login_limits`]).
 
 mod commands;
+mod cookie;
+mod login_limits;
+mod path;
 mod reply_cache;
 mod session;
 mod throttle;
@@ -27,20 +40,23 @@ use crate::password::{HashParams, PasswordJob, PasswordOutcome};
 use crate::proto::{self, ClientMsg, DecodeError, EncodedMessage, ErrorCode, Response, ServerMsg, Token};
 use crate::store::{Snapshot, Write};
 use log::{debug, error, info, trace, warn};
+use login_limits::{Charged, LoginLimits};
 use reply_cache::{Entry, Key, ReplyCache};
 use session::{Seen, Session};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use throttle::Throttle;
+use throttle::{Bucket, Prefix, Throttle};
 
 impl Account {
     fn new(password_hash: String, now: Instant) -> Account {
         Account {
             password_hash,
-            login_bucket: throttle::Bucket::full(u32::MAX, now),
+            known: Vec::new(),
+            deliveries: Bucket::full(u32::MAX, now),
+            stranger_dms: Bucket::full(u32::MAX, now),
             following: BTreeSet::new(),
             followers: BTreeSet::new(),
             inbox: VecDeque::new(),
@@ -85,6 +101,14 @@ pub struct Stats {
     pub logins_throttled: u64,
     pub registrations_throttled: u64,
     pub requests_throttled: u64,
+    /// Logins and registrations answered with a cookie to retry with (no hash, no state).
+    pub retries_sent: u64,
+    /// Path challenges sent to new addresses of sessions, and paths they proved.
+    pub path_challenges: u64,
+    pub paths_validated: u64,
+    /// Posts and direct messages refused for the author's delivery budget or the recipient's
+    /// allowance of messages from users they do not follow.
+    pub deliveries_throttled: u64,
     /// Requests by kind (`post`, `login`, ...).
     pub requests_by_kind: BTreeMap<&'static str, u64>,
     /// Error answers by code (`NoSuchUser`, ...).
@@ -95,8 +119,15 @@ pub struct Stats {
 #[derive(Debug)]
 struct Account {
     password_hash: String,
-    /// Failed logins (config `login_failures_per_user_*`).
-    login_bucket: throttle::Bucket,
+    /// Address prefixes that logged in to it, newest first: the per-account brake on password
+    /// guessing does not apply to them ([`login_limits`]).
+    known: Vec<Prefix>,
+    /// Deliveries this user's posts and messages may still cause (config
+    /// `deliveries_per_user_per_sec`): the author pays for the fan-out.
+    deliveries: Bucket,
+    /// Direct messages this user still accepts from users they do not follow (config
+    /// `dms_from_strangers_*`).
+    stranger_dms: Bucket,
     following: BTreeSet<String>,
     followers: BTreeSet<String>,
     /// Oldest first, at most `max_inbox`.
@@ -109,7 +140,7 @@ struct Account {
 #[derive(Debug)]
 enum Auth {
     Register { user: String, reply: ReplyTo },
-    Login { user: String, reply: ReplyTo, hash: String },
+    Login { user: String, reply: ReplyTo, hash: String, charged: Charged },
     Delete { user: String, reply: ReplyTo, token: Token },
 }
 
@@ -122,6 +153,11 @@ struct ReplyTo {
     slot: Slot,
     /// For requests without a valid session: the request's size, which the reply must not exceed.
     limit: Option<usize>,
+    /// The session the request came with: an answer to an address that is not its proven one
+    /// spends that path's budget ([`path`]).
+    session: Option<Token>,
+    /// The request's size.
+    len: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -192,8 +228,16 @@ pub struct Server {
     stats: Stats,
     /// A hash to verify against for unknown users, so timing does not reveal who exists.
     dummy_hash: String,
-    login_by_addr: Throttle<IpAddr>,
-    register_by_addr: Throttle<IpAddr>,
+    limits: LoginLimits,
+    register_by_addr: Throttle<Prefix>,
+    cookies: cookie::Cookies,
+    /// Wall-clock anchor: `now` at `wall_ms` milliseconds since the Unix epoch.
+    wall: (Instant, u64),
+    /// When idle throttle buckets are next dropped.
+    next_sweep: Option<Instant>,
+    /// Debug lines about datagrams from anyone (drops, refusals): at most a few per second.
+    log_budget: Bucket,
+    log_suppressed: u64,
 }
 
 /// How long a delivered mark may wait before it is written. Writing one per acknowledged push
@@ -201,8 +245,12 @@ pub struct Server {
 /// much of what was already delivered (it never skips anything).
 pub const DELIVERED_FLUSH: Duration = Duration::from_secs(1);
 
-/// Accounts and addresses whose failed logins are tracked at once.
+/// Addresses whose registrations are tracked at once.
 const THROTTLE_KEYS: usize = 65_536;
+/// How often idle throttle buckets are dropped.
+const SWEEP: Duration = Duration::from_secs(10);
+/// Debug lines about strangers' datagrams per second, at most (bursts of ten times that).
+const LOG_PER_SEC: u32 = 20;
 /// Most recently expired tokens remembered.
 const EXPIRED_MEMORY: usize = 65_536;
 /// Room a page leaves for the frame: header, reply tag, request id, result and response tags,
@@ -219,11 +267,6 @@ impl Server {
         now: Instant,
     ) -> Self {
         let users = accounts_from(snapshot.accounts, snapshot.subscriptions, now);
-        let login_by_addr = Throttle::new(
-            cfg.login_failures_per_address_burst,
-            Duration::from_secs(cfg.login_failures_per_address_refill_secs),
-            THROTTLE_KEYS,
-        );
         let register_by_addr = Throttle::new(
             cfg.registrations_per_address_burst,
             Duration::from_secs(cfg.registrations_per_address_refill_secs),
@@ -231,6 +274,7 @@ impl Server {
         );
         let mut server = Server {
             replies: ReplyCache::new(cfg.reply_cache_ttl(), cfg.reply_cache_max_unauthenticated as usize),
+            limits: LoginLimits::new(&cfg),
             cfg,
             hash_params,
             rng,
@@ -257,8 +301,12 @@ impl Server {
             stats: Stats::default(),
             // Computed once here (a few ms at startup) rather than on the event loop later.
             dummy_hash: crate::password::hash("no such user", hash_params).unwrap_or_default(),
-            login_by_addr,
             register_by_addr,
+            cookies: cookie::Cookies::new(),
+            wall: (now, 0),
+            next_sweep: None,
+            log_budget: Bucket::full(LOG_PER_SEC * 10, now),
+            log_suppressed: 0,
         };
         for s in snapshot.sessions {
             server.restore_session(now, s.token, s.user, Duration::from_secs(s.age_secs));
@@ -299,8 +347,38 @@ impl Server {
         self.auth.len()
     }
 
-    fn login_refill(&self) -> Duration {
-        Duration::from_secs(self.cfg.login_failures_per_user_refill_secs)
+    /// Anchors wall-clock time: at `now` it is `unix_ms` milliseconds since the Unix epoch. The
+    /// shell calls it every turn (so a stepped clock is followed); until then messages are
+    /// stamped with the time since the core started.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
+        self.wall = (now, unix_ms);
+    }
+
+    /// Milliseconds since the Unix epoch at `now`.
+    fn unix_ms(&self, now: Instant) -> u64 {
+        let (at, ms) = self.wall;
+        match now.checked_duration_since(at) {
+            Some(d) => ms.saturating_add(d.as_millis() as u64),
+            None => ms.saturating_sub(at.duration_since(now).as_millis() as u64),
+        }
+    }
+
+    /// Whether a debug line about a stranger's datagram may be logged now: at most
+    /// [`LOG_PER_SEC`] a second, so that nobody can fill the log by sending junk.
+    fn noisy(&mut self, now: Instant) -> bool {
+        if !log::log_enabled!(log::Level::Debug) {
+            return false;
+        }
+        let burst = LOG_PER_SEC * 10;
+        if self.log_budget.take(now, burst, Duration::from_secs(1) / LOG_PER_SEC).is_ok() {
+            if self.log_suppressed > 0 {
+                debug!("({} similar lines suppressed)", std::mem::take(&mut self.log_suppressed));
+            }
+            true
+        } else {
+            self.log_suppressed += 1;
+            false
+        }
     }
 
     pub fn config(&self) -> &ServerConfig {
@@ -310,8 +388,7 @@ impl Server {
     /// Replaces the settings that can change at runtime (limits and timers). Settings that
     /// need a restart (`listen`, `data_dir`, `storage`) are the shell's to keep.
     pub fn set_config(&mut self, cfg: ServerConfig) {
-        self.login_by_addr.burst = cfg.login_failures_per_address_burst;
-        self.login_by_addr.refill = Duration::from_secs(cfg.login_failures_per_address_refill_secs);
+        self.limits.set_config(&cfg);
         self.register_by_addr.burst = cfg.registrations_per_address_burst;
         self.register_by_addr.refill = Duration::from_secs(cfg.registrations_per_address_refill_secs);
         self.hash_params = HashParams {
@@ -331,29 +408,41 @@ impl Server {
             Ok(msg) => msg,
             Err(DecodeError::Version(v)) => {
                 self.stats.version_mismatch += 1;
-                debug!("{from}: speaks protocol v{v}, answering with ours (v{})", proto::VERSION);
-                // Three bytes, never more than we received.
-                self.out.push_back(Transmit { to: from, bytes: proto::version_notice() });
+                if self.noisy(now) {
+                    debug!("{from}: speaks protocol v{v}, answering with ours (v{})", proto::VERSION);
+                }
+                // Our header and an echo of the request's start: never more than we received.
+                self.out.push_back(Transmit { to: from, bytes: proto::version_notice(bytes) });
                 return;
             }
             Err(e) => {
                 self.stats.undecodable += 1;
-                debug!("{from}: dropped {} byte datagram: {e}", bytes.len());
+                if self.noisy(now) {
+                    debug!("{from}: dropped {} byte datagram: {e}", bytes.len());
+                }
                 return;
             }
         };
         match msg {
-            ClientMsg::PushAck { token, seq } => self.on_push_acks(now, from, token, &[seq]),
-            ClientMsg::PushAcks { token, seqs } => self.on_push_acks(now, from, token, &seqs),
+            ClientMsg::PushAck { token, epoch, seq } => self.on_push_acks(now, from, token, epoch, &[seq]),
+            ClientMsg::PushAcks { token, epoch, seqs } => self.on_push_acks(now, from, token, epoch, &seqs),
+            ClientMsg::PathResponse { token, data } => {
+                self.on_path_response(now, from, bytes.len(), token, data)
+            }
             ClientMsg::Request(req) => self.on_request(now, from, bytes.len(), req),
         }
     }
 
-    fn on_push_acks(&mut self, now: Instant, from: SocketAddr, token: Token, seqs: &[u64]) {
+    fn on_push_acks(&mut self, now: Instant, from: SocketAddr, token: Token, epoch: u32, seqs: &[u64]) {
         let Some(s) = self.sessions.get_mut(&token) else {
             trace!("ack for unknown session");
             return;
         };
+        if epoch != self.epoch {
+            // Late, from before a restart: its sequence numbers name other pushes now.
+            trace!("ack for epoch {epoch} in epoch {}", self.epoch);
+            return;
+        }
         s.last_seen = now;
         if s.addr == Some(from) && !s.verified {
             // The token came back from the push address: it is real.
@@ -381,6 +470,199 @@ impl Server {
         self.pump(now, token);
     }
 
+    /// A candidate address echoed its path challenge: the session's pushes move there.
+    fn on_path_response(&mut self, now: Instant, from: SocketAddr, len: usize, token: Token, data: u64) {
+        let Some(s) = self.sessions.get_mut(&token) else { return };
+        match s.candidate.as_mut() {
+            Some(c) if c.addr == from && c.data == data => {}
+            Some(c) if c.addr == from => {
+                c.received += len as u64;
+                trace!("wrong path response from {from}");
+                return;
+            }
+            _ => return,
+        }
+        let c = s.candidate.take().expect("matched");
+        let old = s.addr.replace(from);
+        s.verified = true;
+        s.last_seen = now;
+        self.stats.paths_validated += 1;
+        if s.may_log(now) {
+            info!("session of {} moved from {} to {from} (address proven)", s.user, show_addr(old));
+        }
+        self.wake(now, token);
+        // What is in flight went to the old address: resend it to the new one now.
+        let s = self.sessions.get_mut(&token).expect("checked");
+        for p in &mut s.inflight {
+            p.deadline = now;
+        }
+        if let Some(id) = c.withheld {
+            // The answer that did not fit the budget: it is in the session's window.
+            let s = self.sessions.get_mut(&token).expect("checked");
+            if let Seen::Replay(bytes) = s.dedup.check(id, self.committed_batch) {
+                self.out.push_back(Transmit { to: from, bytes });
+            }
+        }
+        self.retransmit_due(now, token);
+        self.pump(now, token);
+        self.schedule(token, now);
+    }
+
+    /// A session heard from at its proven address: if it had stopped acknowledging, it gets its
+    /// in-flight pushes again at once, with fresh tries.
+    fn wake(&mut self, now: Instant, token: Token) {
+        let Some(s) = self.sessions.get_mut(&token) else { return };
+        if s.unresponsive {
+            debug!("session of {} is responsive again", s.user);
+            s.unresponsive = false;
+            for p in &mut s.inflight {
+                p.tries = 0;
+                p.deadline = now;
+            }
+        }
+    }
+
+    /// Sends an answer to a request that came with session `token`'s token, within what its
+    /// destination may be sent: anything to the session's proven push address; to the
+    /// candidate address, what its budget allows (an answer `id` that does not fit is sent from
+    /// the session's window once the address is proven); elsewhere, at most three times the
+    /// datagram that asked (`len`).
+    fn send_in_session(&mut self, token: Token, t: Transmit, len: usize, id: Option<u64>) {
+        if let Some(s) = self.sessions.get_mut(&token).filter(|s| s.addr != Some(t.to)) {
+            let fits = match s.candidate.as_mut().filter(|c| c.addr == t.to) {
+                Some(c) => {
+                    let fits = c.spend(t.bytes.len());
+                    if !fits && id.is_some() {
+                        c.withheld = id;
+                    }
+                    fits
+                }
+                None => path::fits_datagram(t.bytes.len(), len),
+            };
+            if !fits {
+                self.stats.amplification_dropped += 1;
+                return;
+            }
+        }
+        self.out.push_back(t);
+    }
+
+    /// Lets a reply go (its batch, if any, has committed).
+    fn release(&mut self, r: &ReplyTo, t: Transmit) {
+        match r.session {
+            Some(token) => {
+                let cached = matches!(r.slot, Slot::Session(_)).then_some(r.id);
+                self.send_in_session(token, t, r.len, cached);
+            }
+            None => self.out.push_back(t),
+        }
+    }
+
+    /// Sends session `token`'s candidate address its challenge (again), if its budget allows.
+    fn challenge(&mut self, token: Token) {
+        let Some(s) = self.sessions.get_mut(&token) else { return };
+        let Some(c) = s.candidate.as_mut() else { return };
+        let bytes = proto::encode_server(&ServerMsg::PathChallenge { session: s.id, data: c.data });
+        if c.spend(bytes.len()) {
+            self.stats.path_challenges += 1;
+            self.out.push_back(Transmit { to: c.addr, bytes });
+        }
+    }
+
+    /// Checks a request that came with a live session's token: de-duplication, the session's
+    /// request rate, and where it came from. Returns where its answer goes, or `None` when it
+    /// has been dealt with (a retransmission answered from the cache, or dropped).
+    fn admit_in_session(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        len: usize,
+        token: Token,
+        req: &proto::Request,
+    ) -> Option<ReplyTo> {
+        let kind = req.body.kind();
+        let committed = self.committed_batch;
+        let per_sec = self.cfg.session_requests_per_sec;
+        let s = self.sessions.get_mut(&token).expect("checked");
+        let from_candidate = s.candidate.as_ref().is_some_and(|c| c.addr == from);
+        if let Some(c) = s.candidate.as_mut().filter(|_| from_candidate) {
+            c.received += len as u64;
+        }
+        let replay = match s.dedup.check(req.id, committed) {
+            Seen::New => None,
+            Seen::Replay(bytes) => Some(Some(bytes)),
+            Seen::Drop => {
+                // Requests answered through the token-keyed cache (delete) live there.
+                match self.replies.get(&Key::Token(token, req.id)) {
+                    Some(Entry::Done(bytes, batch)) if *batch <= committed => Some(Some(bytes.clone())),
+                    _ => Some(None),
+                }
+            }
+        };
+        if let Some(cached) = replay {
+            self.stats.duplicate_requests += 1;
+            let s = self.sessions.get_mut(&token).expect("checked");
+            // A retransmission costs the session's request rate like a request (and, below,
+            // the path's budget), so replaying captured requests draws nothing unbounded.
+            if s.rate.take(now, per_sec * 2, Duration::from_secs(1) / per_sec).is_err() {
+                self.stats.requests_throttled += 1;
+                return None;
+            }
+            if from_candidate {
+                // Its challenge may have been lost.
+                self.challenge(token);
+            }
+            if let Some(bytes) = cached {
+                debug!("{from}: retransmitted {kind} #{}, replaying the reply", req.id);
+                self.send_in_session(token, Transmit { to: from, bytes }, len, Some(req.id));
+            }
+            return None;
+        }
+        s.last_seen = now;
+        if let Err(wait) = s.rate.take(now, per_sec * 2, Duration::from_secs(1) / per_sec) {
+            // Not marked as executed: the same request may come again later.
+            self.stats.requests_throttled += 1;
+            let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u32;
+            let r =
+                ReplyTo { to: from, id: req.id, slot: Slot::None, limit: None, session: Some(token), len };
+            self.reply(now, r, Err(ErrorCode::RateLimited { retry_after_secs }));
+            return None;
+        }
+        let newest = s.dedup.is_newest(req.id);
+        s.dedup.mark(req.id);
+        if s.addr == Some(from) {
+            // From the push address: the token came back from it (a new session is verified
+            // by this), and a session that stopped acknowledging is back.
+            s.verified = true;
+            self.wake(now, token);
+        } else if newest {
+            // A new address (or one still being validated): challenge it. It gets answers
+            // within its budget, and pushes only once it has echoed the challenge. Only the
+            // newest request may do this, so replayed captures move nothing.
+            if !from_candidate {
+                let data = self.rng.next_u64();
+                let s = self.sessions.get_mut(&token).expect("checked");
+                s.candidate = Some(Box::new(path::Candidate::new(from, data, len)));
+                if s.may_log(now) {
+                    info!("session of {} heard from {from}; validating that address", s.user);
+                }
+            }
+            self.challenge(token);
+        }
+        // Resend at once what a silent client missed, then fill the window.
+        self.retransmit_due(now, token);
+        self.pump(now, token);
+        self.schedule(token, now);
+        Some(ReplyTo {
+            to: from,
+            id: req.id,
+            slot: Slot::Session(token),
+            limit: None,
+            session: Some(token),
+            len,
+        })
+    }
+
     fn on_request(&mut self, now: Instant, from: SocketAddr, len: usize, req: proto::Request) {
         self.stats.requests += 1;
         *self.stats.requests_by_kind.entry(req.body.kind()).or_insert(0) += 1;
@@ -389,71 +671,18 @@ impl Server {
         // from an unverified (possibly spoofed) address.
         let session = req.token.filter(|t| self.sessions.contains_key(t));
         let reply = match session {
-            Some(token) => {
-                let committed = self.committed_batch;
-                let s = self.sessions.get_mut(&token).expect("checked");
-                match s.dedup.check(req.id, committed) {
-                    Seen::New => {}
-                    Seen::Replay(bytes) => {
-                        self.stats.duplicate_requests += 1;
-                        debug!("{from}: retransmitted {kind} #{}, replaying the reply", req.id);
-                        self.out.push_back(Transmit { to: from, bytes });
-                        return;
-                    }
-                    Seen::Drop => {
-                        self.stats.duplicate_requests += 1;
-                        // Requests answered through the token-keyed cache (delete) live there.
-                        if let Some(Entry::Done(bytes, batch)) = self.replies.get(&Key::Token(token, req.id))
-                        {
-                            if *batch <= committed {
-                                self.out.push_back(Transmit { to: from, bytes: bytes.clone() });
-                                return;
-                            }
-                        }
-                        debug!("{from}: duplicate {kind} #{} dropped", req.id);
-                        return;
-                    }
-                }
-                s.last_seen = now;
-                let per_sec = self.cfg.session_requests_per_sec;
-                if let Err(wait) = s.rate.take(now, per_sec * 2, Duration::from_secs(1) / per_sec) {
-                    // Not marked as executed: the same request may come again later.
-                    self.stats.requests_throttled += 1;
-                    let retry_after_secs = wait.as_secs_f64().ceil().max(1.0) as u32;
-                    let r = ReplyTo { to: from, id: req.id, slot: Slot::None, limit: None };
-                    self.reply(now, r, Err(ErrorCode::RateLimited { retry_after_secs }));
-                    return;
-                }
-                s.dedup.mark(req.id);
-                if s.unresponsive {
-                    debug!("session of {} is responsive again", s.user);
-                    s.unresponsive = false;
-                    for p in &mut s.inflight {
-                        p.tries = 0;
-                        p.deadline = now;
-                    }
-                }
-                s.verified = true;
-                if s.addr != Some(from) {
-                    // Only an authenticated request moves the push address (NAT rebinding).
-                    info!("session of {} moved from {:?} to {from}", s.user, s.addr);
-                    s.addr = Some(from);
-                    for p in &mut s.inflight {
-                        p.deadline = now;
-                    }
-                }
-                // Resend at once what a silent or moved client missed, then fill the window.
-                self.retransmit_due(now, token);
-                self.pump(now, token);
-                self.schedule(token, now);
-                ReplyTo { to: from, id: req.id, slot: Slot::Session(token), limit: None }
-            }
+            Some(token) => match self.admit_in_session(now, from, len, token, &req) {
+                Some(r) => r,
+                None => return,
+            },
             None => {
                 let slot = match (&req.body, req.token) {
                     (proto::RequestBody::Register { .. } | proto::RequestBody::Login { .. }, _) => {
                         if len < proto::MIN_UNAUTHENTICATED_REQUEST {
                             self.stats.unauthenticated_too_short += 1;
-                            debug!("{from}: unpadded {kind} ({len} bytes) dropped");
+                            if self.noisy(now) {
+                                debug!("{from}: unpadded {kind} ({len} bytes) dropped");
+                            }
                             return;
                         }
                         Slot::Global(Key::Addr(from, req.id))
@@ -467,10 +696,10 @@ impl Server {
                     _ => Slot::None,
                 };
                 if let Slot::Global(key) = slot {
+                    // Only looked up: an entry exists only for a request that earned it.
                     match self.replies.get(&key) {
                         Some(Entry::Done(bytes, batch)) if *batch <= self.committed_batch => {
                             self.stats.duplicate_requests += 1;
-                            debug!("{from}: retransmitted {kind} #{}, replaying the reply", req.id);
                             if bytes.len() <= len {
                                 self.out.push_back(Transmit { to: from, bytes: bytes.clone() });
                             } else {
@@ -480,16 +709,17 @@ impl Server {
                         }
                         Some(_) => {
                             self.stats.duplicate_requests += 1;
-                            debug!("{from}: {kind} #{} already under way", req.id);
                             return;
                         }
                         None => {}
                     }
                 }
-                ReplyTo { to: from, id: req.id, slot, limit: Some(len) }
+                ReplyTo { to: from, id: req.id, slot, limit: Some(len), session: None, len }
             }
         };
-        debug!("{from}: {kind} #{}", req.id);
+        if session.is_some() || self.noisy(now) {
+            debug!("{from}: {kind} #{}", req.id);
+        }
         // A logout's session is gone once it has run: its retransmission finds the reply under
         // the token instead.
         let reply = match (reply.slot, &req.body) {
@@ -499,9 +729,11 @@ impl Server {
             _ => reply,
         };
         let writes_before = self.writes.len();
-        // If this reply will wait for a commit, keep the request: should the commit fail and the
-        // request turn out to have only read, it runs again on the restored state.
-        let copy = self.gate().is_some().then(|| req.clone());
+        // If a session's reply will wait for a commit, keep the request: should the commit fail
+        // and the request turn out to have only read, it runs again on the restored state.
+        // (Requests without a session never wait unless they wrote: they cannot have seen
+        // anything uncommitted, and a stranger's datagram must not cost a copy.)
+        let copy = (session.is_some() && self.gate().is_some()).then(|| req.clone());
         if let Some(result) = self.execute(now, reply, session, req.token, req.body) {
             let wrote = self.writes.len() > writes_before;
             let rerun = copy.filter(|_| !wrote).map(|request| Box::new(Rerun { from, len, request }));
@@ -515,13 +747,23 @@ impl Server {
             warn!("result for unknown password job {id}");
             return;
         };
+        let before = self.writes.len();
         let (reply, result) = self.finish_auth(now, auth, outcome);
-        self.reply(now, reply, result);
+        let wrote = self.writes.len() > before;
+        self.reply_and_persist(now, reply, result, wrote, None);
     }
 
     /// Handles timers: push retransmission, session expiry, cache expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.replies.expire(now);
+        if self.next_sweep.is_some_and(|t| t <= now) {
+            self.limits.expire(now);
+            self.register_by_addr.expire(now);
+            self.next_sweep = None;
+        }
+        if self.next_sweep.is_none() && self.limits.len() + self.register_by_addr.len() > 0 {
+            self.next_sweep = Some(now + SWEEP);
+        }
         if self.delivered_due.is_some_and(|t| t <= now) {
             self.flush_delivered();
         }
@@ -567,7 +809,7 @@ impl Server {
     /// When `handle_timeout` should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = self.timers.peek().map(|Reverse((t, _))| *t);
-        [t, self.replies.next_expiry(), self.delivered_due].into_iter().flatten().min()
+        [t, self.replies.next_expiry(), self.delivered_due, self.next_sweep].into_iter().flatten().min()
     }
 
     /// Moves the pending delivered marks into the next batch (at shutdown, so that a clean stop
@@ -610,7 +852,7 @@ impl Server {
                 break;
             }
             match self.held.pop_front().expect("peeked").1 {
-                Held::Reply(_, t, _) => self.out.push_back(t),
+                Held::Reply(r, t, _) => self.release(&r, t),
                 other => later.push(other),
             }
         }
@@ -619,7 +861,7 @@ impl Server {
         let mut touched = Vec::new();
         for h in later {
             match h {
-                Held::Reply(_, t, _) => self.out.push_back(t),
+                Held::Reply(r, t, _) => self.release(&r, t),
                 Held::Activate(token) => {
                     if let Some(s) = self.sessions.get_mut(&token) {
                         s.live = true;
@@ -663,7 +905,8 @@ impl Server {
                     result: Err(ErrorCode::StorageUnavailable),
                 });
                 if r.limit.is_none_or(|l| bytes.len() <= l) {
-                    self.out.push_back(Transmit { to: r.to, bytes });
+                    let r = ReplyTo { slot: Slot::None, ..r };
+                    self.release(&r, Transmit { to: r.to, bytes });
                 }
             }
             // Activations and fan-outs of the failed batch never happen.
@@ -800,22 +1043,37 @@ impl Server {
         self.reply_and_persist(now, r, result, false, None);
     }
 
-    /// Sends (or holds) a reply and caches it for retransmissions. `persist`: the request
-    /// changed something, so its reply is stored with the session, and a retransmission after a
-    /// daemon restart is answered instead of executed again.
+    /// Answers a login or registration with a cookie to repeat it with: stateless, never larger
+    /// than the request.
+    fn retry(&mut self, now: Instant, r: ReplyTo) {
+        let cookie = self.cookies.make(now, self.rng.as_mut(), r.to);
+        let bytes = proto::encode_server(&ServerMsg::Retry { id: r.id, cookie });
+        self.stats.retries_sent += 1;
+        if bytes.len() <= r.len {
+            self.out.push_back(Transmit { to: r.to, bytes });
+        }
+    }
+
+    /// Sends (or holds) a reply and caches it for retransmissions. `wrote`: the request changed
+    /// something, so its reply waits for that to be durable, and (in a session) is stored with
+    /// the session, so that a retransmission after a daemon restart is answered instead of
+    /// executed again.
     fn reply_and_persist(
         &mut self,
-        _now: Instant,
+        now: Instant,
         r: ReplyTo,
         result: Result<Response, ErrorCode>,
-        persist: bool,
+        wrote: bool,
         rerun: Option<Box<Rerun>>,
     ) {
         let is_err = result.is_err();
         if let Err(e) = &result {
             self.stats.errors += 1;
             *self.stats.errors_by_code.entry(e.code()).or_insert(0) += 1;
-            debug!("{}: #{} -> {e}", r.to, r.id);
+            if r.session.is_some() || self.noisy(now) {
+                // The error may echo what the request said: quoted, and cut short.
+                debug!("{}: #{} -> {}", r.to, r.id, proto::quoted(&format!("{e:?}"), 120));
+            }
         }
         let bytes = proto::encode_server(&ServerMsg::Reply { id: r.id, result });
         if bytes.len() > proto::MAX_DATAGRAM {
@@ -828,12 +1086,18 @@ impl Server {
                 proto::MAX_DATAGRAM
             );
         }
-        if let (true, Slot::Session(token)) = (persist, r.slot) {
+        if let (true, Slot::Session(token)) = (wrote, r.slot) {
             if self.sessions.contains_key(&token) {
                 self.write(Write::LastReply { token, request_id: r.id, reply: bytes.clone() });
             }
         }
-        let batch = self.gate().unwrap_or(self.committed_batch);
+        // What a session asks may have seen writes not yet durable, so its answer waits for
+        // them; an answer without a session waits only for what it wrote itself.
+        let batch = if r.session.is_some() || wrote {
+            self.gate().unwrap_or(self.committed_batch)
+        } else {
+            self.committed_batch
+        };
         match r.slot {
             Slot::Session(token) => {
                 if let Some(s) = self.sessions.get_mut(&token) {
@@ -842,7 +1106,7 @@ impl Server {
             }
             // Errors are cheap to compute again: they do not occupy the bounded cache.
             Slot::Global(key) if is_err => self.replies.remove(&key),
-            Slot::Global(key) => self.replies.insert(_now, key, Entry::Done(bytes.clone(), batch)),
+            Slot::Global(key) => self.replies.insert(now, key, Entry::Done(bytes.clone(), batch)),
             Slot::None => {}
         }
         if let Some(limit) = r.limit {
@@ -857,7 +1121,7 @@ impl Server {
         if batch > self.committed_batch {
             self.held.push_back((batch, Held::Reply(r, t, rerun)));
         } else {
-            self.out.push_back(t);
+            self.release(&r, t);
         }
     }
 
@@ -930,11 +1194,13 @@ impl Server {
                 continue;
             }
             if s.inflight[i].tries >= max_tries {
-                warn!(
-                    "session of {} at {addr} stopped acknowledging pushes after {max_tries} tries; \
-                     its messages stay in the inbox",
-                    s.user
-                );
+                if s.may_log(now) {
+                    warn!(
+                        "session of {} at {addr} stopped acknowledging pushes after {max_tries} tries; \
+                         its messages stay in the inbox",
+                        s.user
+                    );
+                }
                 s.unresponsive = true;
                 self.stats.sessions_unresponsive += 1;
                 return;
@@ -1031,6 +1297,11 @@ impl Server {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// An optional address for a log line.
+fn show_addr(a: Option<SocketAddr>) -> String {
+    a.map_or_else(|| "nowhere (restarted)".into(), |a| a.to_string())
+}
 
 /// Builds the in-memory accounts from stored ones; messages shared by several inboxes are
 /// shared in memory too.

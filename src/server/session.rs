@@ -37,6 +37,8 @@ pub(crate) enum Seen {
 const DEDUP_WINDOW: u64 = 64;
 /// Replies kept per session for retransmitted requests.
 const REPLY_SLOTS: usize = 4;
+/// A session logs at most one line (at info or above) this often.
+const LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Which request ids a session has executed, and the last few replies.
 ///
@@ -52,6 +54,12 @@ pub(crate) struct Dedup {
 }
 
 impl Dedup {
+    /// Whether `id` is newer than every request executed so far (only such a request may start
+    /// the validation of a new address).
+    pub fn is_newest(&self, id: u64) -> bool {
+        self.highest.is_none_or(|high| id > high)
+    }
+
     pub fn check(&self, id: u64, committed_batch: u64) -> Seen {
         let Some(high) = self.highest else { return Seen::New };
         if id > high {
@@ -150,6 +158,12 @@ pub(crate) struct Session {
     pub rate: super::throttle::Bucket,
     /// The earliest deadline this session has in the timer heap.
     pub scheduled: Option<Instant>,
+    /// A new address the session was heard from, being validated ([`super::path`]).
+    pub candidate: Option<Box<super::path::Candidate>>,
+    /// An account deletion's password check is under way: one at a time per session.
+    pub password_job: bool,
+    /// When this session last wrote a log line at info or above (see [`Session::may_log`]).
+    pub logged: Option<Instant>,
 }
 
 impl Session {
@@ -172,7 +186,20 @@ impl Session {
             dedup: Dedup::default(),
             rate: super::throttle::Bucket::full(u32::MAX, now),
             scheduled: None,
+            candidate: None,
+            password_job: false,
+            logged: None,
         }
+    }
+
+    /// Whether a line about this session may be logged now: one a minute at most, so that
+    /// nobody can fill the log through one session.
+    pub fn may_log(&mut self, now: Instant) -> bool {
+        if self.logged.is_some_and(|t| now.saturating_duration_since(t) < LOG_EVERY) {
+            return false;
+        }
+        self.logged = Some(now);
+        true
     }
 
     /// Queues a message for pushing. When the queue is full the oldest queued message is

@@ -39,6 +39,22 @@ fn a(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// 127.0.0.`last`:`port`: another host on loopback.
+fn ip(last: u8, port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, last], port))
+}
+
+/// A login or registration body with `cookie` in it.
+fn with_cookie(body: RequestBody, cookie: Option<proto::Cookie>) -> RequestBody {
+    match body {
+        RequestBody::Login { user, password, pad, .. } => RequestBody::Login { user, password, cookie, pad },
+        RequestBody::Register { user, password, pad, .. } => {
+            RequestBody::Register { user, password, cookie, pad }
+        }
+        other => other,
+    }
+}
+
 impl H {
     fn new() -> H {
         Self::with(test_config())
@@ -99,35 +115,53 @@ impl H {
         (id, proto::encode_request(Request { id, token, body }))
     }
 
-    /// Sends a request and returns its reply; other datagrams are kept in `other`.
+    /// Sends a request and returns its reply; other datagrams are kept in `other`. A login or
+    /// registration the daemon asks to repeat with a cookie is repeated, as the client does.
     fn req(
         &mut self,
         from: SocketAddr,
         token: Option<Token>,
         body: RequestBody,
     ) -> Result<Response, ErrorCode> {
-        let (id, bytes) = self.encode(token, body);
+        let (id, bytes) = self.encode(token, body.clone());
         let sent = self.raw(from, &bytes);
         let mut reply = None;
+        let mut retry = None;
         for t in sent {
             match proto::decode_server(&t.bytes) {
                 Ok(ServerMsg::Reply { id: rid, result }) if rid == id && t.to == from => reply = Some(result),
+                Ok(ServerMsg::Retry { id: rid, cookie }) if rid == id && t.to == from => retry = Some(cookie),
                 _ => self.other.push(t),
             }
+        }
+        if let Some(cookie) = retry {
+            assert!(reply.is_none());
+            return self.req(from, token, with_cookie(body, Some(cookie)));
         }
         reply.expect("a reply")
     }
 
+    /// A valid cookie for `from`, as a `Retry` would give it.
+    fn cookie(&mut self, from: SocketAddr) -> proto::Cookie {
+        self.server.cookies.make(self.now, self.server.rng.as_mut(), from)
+    }
+
     fn register(&mut self, user: &str, pw: &str) -> Result<Response, ErrorCode> {
-        self.req(a(1), None, RequestBody::Register { user: user.into(), password: pw.into(), pad: vec![] })
+        let body =
+            RequestBody::Register { user: user.into(), password: pw.into(), cookie: None, pad: vec![] };
+        self.req(a(1), None, body)
     }
 
     /// Logs in and, as the client does, confirms the address with a ping.
     fn login_from(&mut self, from: SocketAddr, user: &str, pw: &str) -> Result<Token, ErrorCode> {
-        let login = RequestBody::Login { user: user.into(), password: pw.into(), pad: vec![] };
+        let login = RequestBody::Login { user: user.into(), password: pw.into(), cookie: None, pad: vec![] };
         match self.req(from, None, login)? {
             Response::LoggedIn { token, .. } => {
-                assert_eq!(self.req(from, Some(token), RequestBody::Ping), Ok(Response::Pong));
+                let epoch = self.server.epoch;
+                assert_eq!(
+                    self.req(from, Some(token), RequestBody::Ping),
+                    Ok(Response::SessionPong { epoch })
+                );
                 Ok(token)
             }
             other => panic!("{other:?}"),
@@ -139,22 +173,48 @@ impl H {
         self.login_from(a(port), user, "password").unwrap()
     }
 
+    /// Answers the path challenges `from` was sent for `token`'s session (as the client does).
+    fn prove(&mut self, from: SocketAddr, token: Token) {
+        let mut challenges = Vec::new();
+        let sent: Vec<Transmit> =
+            self.other.drain(..).chain(std::iter::from_fn(|| self.server.poll_transmit())).collect();
+        for t in sent {
+            match proto::decode_server(&t.bytes) {
+                Ok(ServerMsg::PathChallenge { session, data })
+                    if t.to == from && session == token.session_id() =>
+                {
+                    challenges.push(data)
+                }
+                _ => self.other.push(t),
+            }
+        }
+        assert!(!challenges.is_empty(), "no challenge was sent to {from}");
+        for data in challenges {
+            let bytes = proto::encode_client(&ClientMsg::PathResponse { token, data });
+            self.server.handle(self.now, from, &bytes);
+            self.turn();
+        }
+    }
+
+    /// The pushes sent so far (other datagrams stay in `other`).
     fn pushes(&mut self) -> Vec<(SocketAddr, u64, Message)> {
         let mut v = Vec::new();
-        for t in self.other.drain(..).chain(std::iter::from_fn(|| self.server.poll_transmit())) {
+        let sent: Vec<Transmit> =
+            self.other.drain(..).chain(std::iter::from_fn(|| self.server.poll_transmit())).collect();
+        for t in sent {
             match proto::decode_server(&t.bytes) {
                 Ok(ServerMsg::Push { seq, message, .. }) => v.push((t.to, seq, message)),
                 Ok(ServerMsg::Pushes { first_seq, messages, .. }) => {
                     v.extend((first_seq..).zip(messages).map(|(seq, m)| (t.to, seq, m)))
                 }
-                _ => {}
+                _ => self.other.push(t),
             }
         }
         v
     }
 
     fn ack(&mut self, token: Token, seq: u64) {
-        let bytes = proto::encode_client(&ClientMsg::PushAck { token, seq });
+        let bytes = proto::encode_client(&ClientMsg::PushAck { token, epoch: self.server.epoch, seq });
         self.server.handle(self.now, a(9999), &bytes);
         self.turn();
     }
@@ -335,8 +395,10 @@ fn retransmitted_requests_are_not_executed_twice() {
     assert_eq!(pushes.len(), 1, "forwarded once");
 
     // A retransmitted login returns the same session.
-    let (_, login) =
-        h.encode(None, RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] });
+    let (_, login) = h.encode(
+        None,
+        RequestBody::Login { user: "alice".into(), password: "password".into(), cookie: None, pad: vec![] },
+    );
     let is_reply = |t: &Transmit| matches!(proto::decode_server(&t.bytes), Ok(ServerMsg::Reply { .. }));
     let r1: Vec<Transmit> = h.raw(a(5), &login).into_iter().filter(is_reply).collect();
     let r2: Vec<Transmit> = h.raw(a(5), &login).into_iter().filter(is_reply).collect();
@@ -369,9 +431,9 @@ fn replies_wait_for_the_commit() {
 fn version_mismatch_and_garbage() {
     let mut h = H::new();
     let out = h.raw(a(1), b"UM\x07whatever");
-    assert_eq!(out, vec![Transmit { to: a(1), bytes: b"Um\x02".to_vec() }]);
+    assert_eq!(out, vec![Transmit { to: a(1), bytes: b"Um\x03\xffwhateve".to_vec() }]);
     assert!(h.raw(a(1), b"hello").is_empty());
-    assert!(h.raw(a(1), b"UM\x02\xff\xff\xff").is_empty());
+    assert!(h.raw(a(1), b"UM\x03\xff\xff\xff").is_empty());
     assert_eq!(h.server.stats().undecodable, 2);
     assert_eq!(h.server.stats().version_mismatch, 1);
 }
@@ -383,7 +445,12 @@ fn unpadded_login_gets_no_answer_and_no_reply_exceeds_an_unauthenticated_request
     let short = proto::encode_client(&ClientMsg::Request(Request {
         id: 1,
         token: None,
-        body: RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] },
+        body: RequestBody::Login {
+            user: "alice".into(),
+            password: "password".into(),
+            cookie: None,
+            pad: vec![],
+        },
     }));
     assert!(short.len() < proto::MIN_UNAUTHENTICATED_REQUEST);
     assert!(h.raw(a(1), &short).is_empty());
@@ -392,8 +459,8 @@ fn unpadded_login_gets_no_answer_and_no_reply_exceeds_an_unauthenticated_request
         RequestBody::Ping,
         RequestBody::Retrieve { count: 100, before: None },
         RequestBody::ListUsers { pattern: "*".into(), after: None },
-        RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] },
-        RequestBody::Register { user: "zed".into(), password: "password".into(), pad: vec![] },
+        RequestBody::Login { user: "alice".into(), password: "password".into(), cookie: None, pad: vec![] },
+        RequestBody::Register { user: "zed".into(), password: "password".into(), cookie: None, pad: vec![] },
     ] {
         for token in [None, Some(Token([1; 16]))] {
             let (_, bytes) = h.encode(token, body.clone());
@@ -478,7 +545,7 @@ fn sessions_expire_when_idle() {
     let mut h = H::with(ServerConfig { session_idle_timeout_secs: 60, ..test_config() });
     let t = h.user("alice", 1);
     h.advance(Duration::from_secs(59));
-    assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::Pong));
+    assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::SessionPong { epoch: h.server.epoch }));
     h.advance(Duration::from_secs(59));
     assert_eq!(h.server.session_count(), 1, "the ping kept it alive");
     h.advance(Duration::from_secs(1));
@@ -500,10 +567,13 @@ fn only_authenticated_requests_move_the_push_address() {
     h.ack(alice, 1);
     // A request with a forged token from a new address moves nothing.
     let _ = h.req(a(7), Some(Token([9; 16])), RequestBody::Ping);
-    // A request with alice's token from a new address does (NAT rebinding).
+    // A request with alice's token from a new address moves it once that address has echoed
+    // the challenge it is sent (NAT rebinding; see `path_validation` for the rest).
     h.req(a(8), Some(alice), RequestBody::Ping).unwrap();
     h.req(a(2), Some(bob), RequestBody::Post { text: "two".into() }).unwrap();
-    assert_eq!(h.pushes()[0].0, a(8));
+    assert_eq!(h.pushes()[0].0, a(1), "not before the proof");
+    h.prove(a(8), alice);
+    assert_eq!(h.pushes()[0].0, a(8), "the unacked push follows at once");
 }
 
 #[test]
@@ -631,18 +701,19 @@ fn failed_logins_are_throttled_per_account_and_address_without_hashing() {
     let mut h = H::with(ServerConfig {
         login_failures_per_user_burst: 3,
         login_failures_per_user_refill_secs: 10,
-        login_failures_per_address_burst: 5,
-        login_failures_per_address_refill_secs: 2,
+        login_failures_per_address_burst: 100,
         ..test_config()
     });
     h.register("alice", "password").unwrap();
-    for _ in 0..3 {
+    // From 127.0.0.1: three wrong passwords without a cookie, then (asked for one) three with.
+    for _ in 0..6 {
         assert_eq!(h.login_from(a(1), "alice", "wrong"), Err(ErrorCode::BadCredentials));
     }
-    // The account is throttled, from any address, even with the right password.
-    let (_, bytes) =
-        h.encode(None, RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] });
-    h.server.handle(h.now, a(2), &bytes);
+    // The next one from there costs no hash and names the wait, even with the right password.
+    let cookie = Some(h.cookie(a(1)));
+    let body = RequestBody::Login { user: "alice".into(), password: "password".into(), cookie, pad: vec![] };
+    let (_, bytes) = h.encode(None, body);
+    h.server.handle(h.now, a(1), &bytes);
     assert!(h.server.poll_password_job().is_none(), "a throttled login costs no hash");
     h.turn();
     let out = h.drain();
@@ -650,15 +721,32 @@ fn failed_logins_are_throttled_per_account_and_address_without_hashing() {
         proto::decode_server(&out[0].bytes),
         Ok(ServerMsg::Reply { result: Err(ErrorCode::RateLimited { retry_after_secs: 10 }), .. })
     ));
+    // Those failures were 127.0.0.1's: alice logs in from elsewhere at once.
+    assert!(h.login_from(ip(2, 1), "alice", "password").is_ok());
     h.now += Duration::from_secs(10);
     assert!(h.login_from(a(2), "alice", "password").is_ok(), "one attempt regained");
-    // Per address (127.0.0.1, whatever the port): guessing many names is limited too.
-    h.now += Duration::from_secs(10);
-    for i in 0..5 {
+    assert_eq!(h.server.stats().logins_throttled, 1);
+}
+
+/// Per address (whatever the port), guessing many names is limited too; unknown names count
+/// exactly as known ones.
+#[test]
+fn failed_logins_are_throttled_per_address() {
+    let mut h = H::with(ServerConfig {
+        login_failures_per_address_burst: 5,
+        login_failures_per_address_refill_secs: 2,
+        ..test_config()
+    });
+    h.register("carol", "password").unwrap();
+    for i in 0..10 {
         assert_eq!(h.login_from(a(3 + i), &format!("nobody{i}"), "x"), Err(ErrorCode::BadCredentials));
     }
-    assert!(matches!(h.login_from(a(9), "carol", "x"), Err(ErrorCode::RateLimited { .. })));
-    assert_eq!(h.server.stats().logins_throttled, 2);
+    assert!(matches!(h.login_from(a(20), "carol", "x"), Err(ErrorCode::RateLimited { retry_after_secs: 2 })));
+    assert!(matches!(
+        h.login_from(a(21), "nobody99", "x"),
+        Err(ErrorCode::RateLimited { retry_after_secs: 2 })
+    ));
+    assert!(h.login_from(ip(5, 1), "carol", "password").is_ok(), "another address is not limited");
 }
 
 #[test]
@@ -691,7 +779,7 @@ fn requests_per_session_are_limited() {
     // A burst of 2 x 5 (the login's confirming ping took one), then refused.
     assert_eq!(limited, 11);
     h.now += Duration::from_secs(1);
-    assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::Pong));
+    assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::SessionPong { epoch: h.server.epoch }));
 }
 
 #[test]
@@ -748,7 +836,7 @@ mod props {
                     prop_assert!(out.bytes.len() <= proto::MAX_DATAGRAM);
                 }
             }
-            prop_assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::Pong));
+            prop_assert_eq!(h.req(a(1), Some(t), RequestBody::Ping), Ok(Response::SessionPong { epoch: h.server.epoch }));
         }
 
         /// Every well-formed request round-trips through the codec.
@@ -798,7 +886,12 @@ mod review {
         // A login "from" the victim's address: the reply is no larger than the request...
         let (_, login) = h.encode(
             None,
-            RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] },
+            RequestBody::Login {
+                user: "alice".into(),
+                password: "password".into(),
+                cookie: None,
+                pad: vec![],
+            },
         );
         let out = h.raw(a(66), &login);
         let to_victim: usize = out.iter().filter(|t| t.to == a(66)).map(|t| t.bytes.len()).sum();
@@ -822,7 +915,12 @@ mod review {
         // Push 1 is lost; push 2 arrives and is acked; then the client goes away.
         h.ack(alice, 2);
         h.req(a(1), Some(alice), RequestBody::Logout).unwrap();
-        let login = RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] };
+        let login = RequestBody::Login {
+            user: "alice".into(),
+            password: "password".into(),
+            cookie: None,
+            pad: vec![],
+        };
         let Ok(Response::LoggedIn { missed, .. }) = h.req(a(3), None, login) else { panic!() };
         assert_eq!(missed, 2, "both are caught up: the first was never delivered");
     }
@@ -850,7 +948,11 @@ mod review {
         h.disk_full = true;
         assert_eq!(h.req(a(1), Some(alice), RequestBody::Logout), Err(ErrorCode::StorageUnavailable));
         h.disk_full = false;
-        assert_eq!(h.req(a(1), Some(alice), RequestBody::Ping), Ok(Response::Pong), "the session is back");
+        assert_eq!(
+            h.req(a(1), Some(alice), RequestBody::Ping),
+            Ok(Response::SessionPong { epoch: h.server.epoch }),
+            "the session is back"
+        );
         h.req(a(2), Some(bob), RequestBody::Post { text: "m2".into() }).unwrap();
         let p = h.pushes();
         assert_eq!(p.iter().map(|p| (p.1, p.2.text.as_str())).collect::<Vec<_>>(), vec![(2, "m2")]);
@@ -864,7 +966,8 @@ mod review {
             ..test_config()
         });
         h.register("alice", "password").unwrap();
-        for _ in 0..2 {
+        // Two without a cookie, two with.
+        for _ in 0..4 {
             assert_eq!(h.login_from(a(1), "alice", "wrong"), Err(ErrorCode::BadCredentials));
         }
         for i in 0..200 {
@@ -977,8 +1080,11 @@ fn an_admin_sync_does_not_undo_account_changes_not_yet_committed() {
     // Bob registers and alice deletes herself; both writes are pending when the loop hands in a
     // snapshot the store read before them.
     let before = h.store.load().unwrap();
-    let (_, reg) = h
-        .encode(None, RequestBody::Register { user: "bob".into(), password: "password".into(), pad: vec![] });
+    let cookie = Some(h.cookie(a(2)));
+    let (_, reg) = h.encode(
+        None,
+        RequestBody::Register { user: "bob".into(), password: "password".into(), cookie, pad: vec![] },
+    );
     h.server.handle(h.now, a(2), &reg);
     let (_, del) = h.encode(Some(alice), RequestBody::DeleteAccount { password: "password".into() });
     h.server.handle(h.now, a(1), &del);
@@ -1009,12 +1115,20 @@ fn one_datagram_acks_several_pushes() {
     assert_eq!(h.pushes().iter().map(|p| p.1).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
     // 2 and 4 acked (and an unknown 9): two window slots open, nothing counts as delivered
     // past the gap at 1.
-    let bytes = proto::encode_client(&ClientMsg::PushAcks { token: alice, seqs: vec![4, 9, 2] });
+    let bytes = proto::encode_client(&ClientMsg::PushAcks {
+        token: alice,
+        epoch: h.server.epoch,
+        seqs: vec![4, 9, 2],
+    });
     h.server.handle(h.now, a(1), &bytes);
     h.turn();
     assert_eq!(h.pushes().iter().map(|p| p.1).collect::<Vec<_>>(), vec![5, 6]);
     assert_eq!(h.server.stats().pushes_acked, 2);
-    let bytes = proto::encode_client(&ClientMsg::PushAcks { token: alice, seqs: vec![1, 3, 5, 6] });
+    let bytes = proto::encode_client(&ClientMsg::PushAcks {
+        token: alice,
+        epoch: h.server.epoch,
+        seqs: vec![1, 3, 5, 6],
+    });
     h.server.handle(h.now, a(1), &bytes);
     h.server.flush_delivered();
     h.turn();
@@ -1056,7 +1170,12 @@ fn logins_are_refused_busy_while_password_jobs_wait_too_long() {
     let login = |h: &mut H, port: u16| {
         let (id, bytes) = h.encode(
             None,
-            RequestBody::Login { user: "alice".into(), password: "password".into(), pad: vec![] },
+            RequestBody::Login {
+                user: "alice".into(),
+                password: "password".into(),
+                cookie: None,
+                pad: vec![],
+            },
         );
         h.server.handle(h.now, a(port), &bytes);
         id
@@ -1100,10 +1219,16 @@ fn a_session_brought_back_from_storage_keeps_its_age() {
             s.age_secs = if s.token == old { 59 * 60 } else { 60 };
         }
     });
-    assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Ok(Response::Pong));
+    assert_eq!(
+        h.req(a(1), Some(old), RequestBody::Ping),
+        Ok(Response::SessionPong { epoch: h.server.epoch })
+    );
     h.advance(Duration::from_secs(61));
     assert_eq!(h.req(a(1), Some(old), RequestBody::Ping), Err(ErrorCode::SessionExpired), "an hour in all");
-    assert_eq!(h.req(a(2), Some(young), RequestBody::Ping), Ok(Response::Pong));
+    assert_eq!(
+        h.req(a(2), Some(young), RequestBody::Ping),
+        Ok(Response::SessionPong { epoch: h.server.epoch })
+    );
 }
 
 #[test]
@@ -1129,7 +1254,11 @@ fn what_one_commit_releases_to_a_session_leaves_in_one_datagram() {
     let texts = |ms: &[Message]| ms.iter().map(|m| m.text.clone()).collect::<Vec<_>>();
     let [ServerMsg::Pushes { first_seq: 1, messages, .. }] = &first[..] else { panic!("{first:?}") };
     assert_eq!(texts(messages), ["m0", "m1", "m2"], "the window (3) bounds the datagram");
-    let bytes = proto::encode_client(&ClientMsg::PushAcks { token: alice, seqs: vec![1, 2, 3] });
+    let bytes = proto::encode_client(&ClientMsg::PushAcks {
+        token: alice,
+        epoch: h.server.epoch,
+        seqs: vec![1, 2, 3],
+    });
     h.server.handle(h.now, a(1), &bytes);
     h.turn();
     let second = to_alice(&h.drain());

@@ -27,7 +27,11 @@ use std::path::{Path, PathBuf};
 /// 3: accounts get ids; a message row lists its recipients' ids; the inbox table goes (a post to
 ///    100 subscribers was 100 inbox rows, plus a trim of each inbox per batch). Sessions
 ///    remember when they were opened (Unix seconds), so their lifetime counts across restarts.
-pub const SCHEMA_VERSION: i64 = 3;
+/// 4: messages remember when they were posted (Unix milliseconds; 0 for older ones).
+///
+/// A new database is created at this version directly ([`SCHEMA_CURRENT`]); the migrations
+/// bring older ones here step by step.
+pub const SCHEMA_VERSION: i64 = 4;
 
 pub const DB_FILE: &str = "udpmsg.db";
 pub const LOCK_FILE: &str = "udpmsgd.lock";
@@ -37,6 +41,48 @@ ALTER TABLE sessions ADD COLUMN last_request_id INTEGER;
 ALTER TABLE sessions ADD COLUMN last_reply BLOB;
 ";
 
+/// The whole schema at [`SCHEMA_VERSION`], for a new database.
+const SCHEMA_CURRENT: &str = "
+CREATE TABLE accounts (
+    name TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    last_delivered INTEGER NOT NULL DEFAULT 0,
+    id INTEGER
+);
+CREATE UNIQUE INDEX accounts_id ON accounts (id);
+CREATE TABLE subscriptions (
+    follower TEXT NOT NULL,
+    followed TEXT NOT NULL,
+    PRIMARY KEY (follower, followed)
+);
+CREATE INDEX subscriptions_followed ON subscriptions (followed);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    author TEXT NOT NULL,
+    recipient TEXT,
+    text TEXT NOT NULL,
+    recipients BLOB NOT NULL DEFAULT x'',
+    time INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE sessions (
+    token BLOB PRIMARY KEY,
+    user_name TEXT NOT NULL,
+    last_request_id INTEGER,
+    last_reply BLOB,
+    created INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('next_account_id', 1);
+";
+
+const MIGRATE_V4: &str = "ALTER TABLE messages ADD COLUMN time INTEGER NOT NULL DEFAULT 0;";
+
+/// Schema 1, as the first versions created it (what the migrations start from; the tests make
+/// old databases with it).
+#[cfg_attr(not(test), allow(dead_code))]
 const SCHEMA_V1: &str = "
 CREATE TABLE accounts (
     name TEXT PRIMARY KEY,
@@ -107,15 +153,10 @@ impl SqliteStore {
 
     /// Opens the store; `Access::Admin` does not insist on the directory lock.
     pub fn open_as(dir: &Path, max_inbox: usize, access: Access) -> Result<SqliteStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| err(dir, "cannot create the data directory", e))?;
+        // Private to the daemon's user: it holds password hashes and every message.
+        private_dir(dir).map_err(|e| err(dir, "cannot create the data directory", e))?;
         let lock_path = dir.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(|e| err(dir, "the data directory is not writable", e))?;
+        let lock = private_file(&lock_path).map_err(|e| err(dir, "the data directory is not writable", e))?;
         let lock = match lock.try_lock() {
             Ok(()) => Some(lock),
             Err(std::fs::TryLockError::WouldBlock) if access == Access::Admin => None,
@@ -130,6 +171,9 @@ impl SqliteStore {
             Err(std::fs::TryLockError::Error(e)) => return Err(err(&lock_path, "cannot lock", e)),
         };
         let path = dir.join(DB_FILE);
+        // SQLite gives its -wal and -shm files the database file's mode: create it 0600.
+        drop(private_file(&path).map_err(|e| err(&path, "cannot open the database", e))?);
+        warn_if_readable(&path);
         let conn = Connection::open(&path).map_err(|e| err(&path, "cannot open the database", e))?;
         let mut store = SqliteStore {
             conn,
@@ -217,12 +261,14 @@ impl SqliteStore {
                 self.path.display()
             )));
         }
-        if version < 1 {
-            let tx = self.conn.transaction().map_err(|e| err(&self.path, "cannot migrate", e))?;
-            tx.execute_batch(SCHEMA_V1).map_err(|e| err(&self.path, "cannot create the schema", e))?;
-            tx.pragma_update(None, "user_version", 1).map_err(|e| err(&self.path, "cannot migrate", e))?;
-            tx.commit().map_err(|e| err(&self.path, "cannot migrate", e))?;
-            log::info!("{}: created schema version 1", self.path.display());
+        if version == 0 {
+            let tx = self.conn.transaction().map_err(|e| err(&self.path, "cannot create the schema", e))?;
+            tx.execute_batch(SCHEMA_CURRENT).map_err(|e| err(&self.path, "cannot create the schema", e))?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+                .map_err(|e| err(&self.path, "cannot create the schema", e))?;
+            tx.commit().map_err(|e| err(&self.path, "cannot create the schema", e))?;
+            log::info!("{}: created a new database (schema version {SCHEMA_VERSION})", self.path.display());
+            return Ok(());
         }
         if version < 2 {
             self.migrate(2, MIGRATE_V2)?;
@@ -230,7 +276,10 @@ impl SqliteStore {
         if version < 3 {
             self.migrate_v3()?;
         }
-        // Later migrations go here, each in its own transaction.
+        if version < 4 {
+            self.migrate(4, MIGRATE_V4)?;
+        }
+        // Later migrations go here, each in its own transaction; SCHEMA_CURRENT follows them.
         Ok(())
     }
 
@@ -319,7 +368,7 @@ impl SqliteStore {
         let mut unreferenced = Vec::new();
         let mut messages = self
             .conn
-            .prepare("SELECT id, author, recipient, text, recipients FROM messages ORDER BY id DESC")?;
+            .prepare("SELECT id, author, recipient, text, recipients, time FROM messages ORDER BY id DESC")?;
         let mut rows = messages.query([])?;
         let mut max_id = 0;
         while let Some(r) = rows.next()? {
@@ -332,7 +381,13 @@ impl SqliteStore {
                     continue;
                 }
                 if msg.is_none() {
-                    msg = Some(Message { id: id as u64, author: r.get(1)?, to: r.get(2)?, text: r.get(3)? });
+                    msg = Some(Message {
+                        id: id as u64,
+                        time: r.get::<_, i64>(5)? as u64,
+                        author: r.get(1)?,
+                        to: r.get(2)?,
+                        text: r.get(3)?,
+                    });
                 }
                 snap.accounts[idx].inbox.push(msg.clone().expect("just set"));
             }
@@ -385,6 +440,50 @@ impl SqliteStore {
             }
         }
         tx.commit()
+    }
+}
+
+/// Creates `dir` (and its parents) if missing; the directory itself mode 0700.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut b = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+    match b.create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        other => other,
+    }
+}
+
+/// Opens `path` for reading and writing, creating it with mode 0600 if missing.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+    o.open(path)
+}
+
+/// An existing database readable by other users is left as it is (its owner chose), but said.
+fn warn_if_readable(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.permissions().mode() & 0o077 != 0 {
+                log::warn!(
+                    "{}: readable by other users (mode {:o}); it holds password hashes and messages: \
+                     chmod 600 it",
+                    path.display(),
+                    m.permissions().mode() & 0o777
+                );
+            }
+        }
     }
 }
 
@@ -481,15 +580,16 @@ fn apply(
                     continue;
                 }
                 tx.prepare_cached(
-                    "INSERT INTO messages (id, author, recipient, text, recipients) \
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO messages (id, author, recipient, text, recipients, time) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?
                 .execute(params![
                     message.id as i64,
                     message.author,
                     message.to,
                     message.text,
-                    encode_ids(&recipient_ids)
+                    encode_ids(&recipient_ids),
+                    message.time as i64
                 ])?;
             }
             Write::DropMessage { id } => {
@@ -615,7 +715,13 @@ mod tests {
     }
 
     fn msg(id: u64, author: &str) -> Message {
-        Message { id, author: author.into(), to: None, text: format!("text {id}") }
+        Message {
+            id,
+            time: 1_700_000_000_000 + id,
+            author: author.into(),
+            to: None,
+            text: format!("text {id}"),
+        }
     }
 
     #[test]
@@ -830,7 +936,7 @@ mod tests {
         let bob = snap.accounts.iter().find(|a| a.user == "bob").unwrap();
         assert_eq!(
             bob.inbox[1],
-            Message { id: 2, author: "carol".into(), to: Some("bob".into()), text: "dm".into() }
+            Message { id: 2, time: 0, author: "carol".into(), to: Some("bob".into()), text: "dm".into() }
         );
         assert_eq!(snap.accounts[0].last_delivered, 1);
         assert_eq!((snap.next_message_id, snap.epoch), (9, 5));

@@ -63,6 +63,9 @@ fn optional_keys() -> Vec<(String, String)> {
         ("registrations_per_address_burst", "10000000"),
         ("registrations_per_address_refill_secs", "0"),
         ("session_requests_per_sec", "1000000"),
+        ("login_failures_per_account_burst", "1000000"),
+        ("login_failures_per_account_refill_secs", "0"),
+        ("deliveries_per_user_per_sec", "100000000"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -27,6 +27,7 @@ use std::time::Instant;
 use udpmsg::client::{Client, Event, SubmitError};
 use udpmsg::command::Command;
 use udpmsg::config::ClientConfig;
+use udpmsg::proto;
 
 /// Clients served together after a read of a shared socket (bounds the linear `contains`).
 const DIRTY_MAX: usize = 64;
@@ -210,8 +211,12 @@ impl Sim {
         if let Some(o) = self.socks[s].owner {
             return Some(o);
         }
-        // "Um", version, then postcard: variant 0 (Reply) and the request id as a varint.
-        if bytes.len() < 5 || bytes[..2] != udpmsg::proto::SERVER_MAGIC || bytes[3] != 0 {
+        // "Um", version, then postcard: variant 0 (Reply) or 4 (Retry, a cookie for a login or
+        // registration), each starting with the request id as a varint.
+        if bytes.len() < 5
+            || bytes[..2] != udpmsg::proto::SERVER_MAGIC
+            || ![proto::SERVER_MSG_REPLY_TAG, proto::SERVER_MSG_RETRY_TAG].contains(&bytes[3])
+        {
             return None;
         }
         let mut id = 0u64;

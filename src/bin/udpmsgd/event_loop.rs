@@ -176,6 +176,7 @@ pub fn run(
             }
         }
         let now = Instant::now();
+        core.set_wall_clock(now, unix_ms());
         while let Some(done) = store.try_done()? {
             store_busy = false;
             apply_done(&mut core, now, done)?;
@@ -253,6 +254,11 @@ pub fn run(
     outbox.flush(&socket);
     info!("stopped: {}", summary(&core, &outbox));
     Ok(())
+}
+
+/// Milliseconds since the Unix epoch by the system clock (0 if it is set before 1970).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Kernel buffer asked for on the daemon's socket, each way. The default (~208 KiB) overflows

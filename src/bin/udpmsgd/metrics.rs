@@ -216,9 +216,30 @@ pub fn render(core: &Server, shell: &ShellCounters) -> String {
             ("{reason=\"unpadded\"}", s.unauthenticated_too_short),
             (
                 "{reason=\"rate_limited\"}",
-                s.requests_throttled + s.logins_throttled + s.registrations_throttled,
+                s.requests_throttled
+                    + s.logins_throttled
+                    + s.registrations_throttled
+                    + s.deliveries_throttled,
             ),
         ],
+    );
+    metric(
+        "cookie_retries_total",
+        "counter",
+        "Logins and registrations asked to prove their address with a cookie first (no hash, no state).",
+        &[("", s.retries_sent)],
+    );
+    metric(
+        "path_challenges_total",
+        "counter",
+        "Challenges sent to a new address of a session before its pushes may move there.",
+        &[("", s.path_challenges)],
+    );
+    metric(
+        "paths_validated_total",
+        "counter",
+        "New session addresses that echoed their challenge (the pushes moved).",
+        &[("", s.paths_validated)],
     );
     metric(
         "replies_withheld_total",
