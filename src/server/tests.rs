@@ -1404,3 +1404,5 @@ fn sqlite_holds_exactly_what_the_inboxes_hold() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+mod attacks;

@@ -9,6 +9,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod raw;
 pub mod scenario;
 
 pub fn bin(name: &str) -> PathBuf {

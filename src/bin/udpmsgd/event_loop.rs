@@ -138,7 +138,11 @@ pub fn run(
         let timeout = if readable {
             Some(Duration::ZERO)
         } else {
-            let wake = [core.poll_timeout(), next_stats, Some(next_external)].into_iter().flatten().min();
+            let metrics_due = metrics.as_ref().and_then(Metrics::next_deadline);
+            let wake = [core.poll_timeout(), next_stats, Some(next_external), metrics_due]
+                .into_iter()
+                .flatten()
+                .min();
             wake.map(|t| t.saturating_duration_since(Instant::now()))
         };
         if let Err(e) = poll.poll(&mut events, timeout) {
@@ -177,6 +181,9 @@ pub fn run(
         }
         let now = Instant::now();
         core.set_wall_clock(now, unix_ms());
+        if let Some(m) = metrics.as_mut() {
+            m.expire(poll.registry(), now);
+        }
         while let Some(done) = store.try_done()? {
             store_busy = false;
             apply_done(&mut core, now, done)?;

@@ -1,7 +1,10 @@
 //! Prometheus text-format metrics over HTTP on a separate TCP port (`metrics_listen`, off by
 //! default). Served from the event loop itself: the listener and its few connections are mio
 //! sources, each request is answered from the core's counters at that moment, and the
-//! connection is closed. Only `GET /metrics` is served; anything else gets 404 or 400.
+//! connection is closed. Only `GET /metrics` is served; anything else gets 404 or 400. A
+//! connection that has not finished within [`IDLE`] is closed, and when all
+//! [`MAX_CONNECTIONS`] are taken a new one replaces the oldest, so slow or silent clients cannot
+//! keep the endpoint from a scraper.
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
@@ -9,15 +12,20 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 use udpmsg::server::Server;
 
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 16;
 /// A request larger than this is refused.
 const MAX_REQUEST: usize = 8192;
+/// A connection is closed this long after it was accepted, finished or not (a scrape takes
+/// milliseconds).
+pub const IDLE: Duration = Duration::from_secs(5);
 
 struct Conn {
     stream: TcpStream,
+    accepted: Instant,
     request: Vec<u8>,
     response: Option<Vec<u8>>,
     written: usize,
@@ -69,9 +77,31 @@ impl Metrics {
             None => return,
         };
         if done {
-            if let Some(mut conn) = self.conns.remove(&token) {
-                let _ = registry.deregister(&mut conn.stream);
-            }
+            self.close(registry, token);
+        }
+    }
+
+    /// Closes the connections accepted more than [`IDLE`] ago.
+    pub fn expire(&mut self, registry: &Registry, now: Instant) {
+        let old: Vec<Token> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.accepted) >= IDLE)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in old {
+            self.close(registry, token);
+        }
+    }
+
+    /// When [`Metrics::expire`] has something to close next.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.conns.values().map(|c| c.accepted + IDLE).min()
+    }
+
+    fn close(&mut self, registry: &Registry, token: Token) {
+        if let Some(mut conn) = self.conns.remove(&token) {
+            let _ = registry.deregister(&mut conn.stream);
         }
     }
 
@@ -80,14 +110,20 @@ impl Metrics {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     if self.conns.len() >= MAX_CONNECTIONS {
-                        continue; // dropped: closes it
+                        // The oldest gives way: silent connections cannot hold the endpoint.
+                        if let Some(oldest) =
+                            self.conns.iter().min_by_key(|(_, c)| c.accepted).map(|(t, _)| *t)
+                        {
+                            self.close(registry, oldest);
+                        }
                     }
                     let token = Token(self.next);
                     self.next = if self.next == usize::MAX { self.first_conn_token } else { self.next + 1 };
                     if registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE).is_ok()
                     {
-                        self.conns
-                            .insert(token, Conn { stream, request: Vec::new(), response: None, written: 0 });
+                        let accepted = Instant::now();
+                        let conn = Conn { stream, accepted, request: Vec::new(), response: None, written: 0 };
+                        self.conns.insert(token, conn);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
