@@ -75,7 +75,9 @@ impl Server {
             RequestBody::Register { .. } | RequestBody::Login { .. } => unreachable!("handled before"),
             RequestBody::Logout => {
                 self.close_session(token, false);
-                info!("{user} logged out");
+                if self.event(now) {
+                    info!("{user} logged out");
+                }
                 // A retransmitted logout finds its reply under the token.
                 Ok(Response::LoggedOut)
             }
@@ -113,18 +115,18 @@ impl Server {
         if password.len() < min as usize || password.len() > max as usize {
             return Some(Err(ErrorCode::InvalidPassword { min_len: min, max_len: max }));
         }
+        // An account is only ever made for an address that receives our answers: a registration
+        // always needs a cookie (one round trip more, once per account), so spoofed ones cost
+        // nothing, create nothing and learn nothing (not even whether the name is taken).
+        if !self.proven(now, reply.to, cookie.as_ref()) {
+            self.retry(now, reply);
+            return None;
+        }
         if self.users.contains_key(&user) || self.reserved.contains(&user) {
             return Some(Err(ErrorCode::NameTaken { user }));
         }
         if self.users.len() + self.reserved.len() >= self.cfg.max_accounts as usize {
             return Some(Err(ErrorCode::TooManyAccounts { max: self.cfg.max_accounts }));
-        }
-        // An account is only ever made for an address that receives our answers: a registration
-        // always needs a cookie (one round trip more, once per account), so spoofed ones cost
-        // nothing and create nothing.
-        if !self.proven(now, reply.to, cookie.as_ref()) {
-            self.retry(now, reply);
-            return None;
         }
         // Each attempt that would cost a hash takes a token from the address's bucket.
         if let Err(wait) = self.register_by_addr.take(now, &Prefix::of(reply.to.ip())) {
@@ -276,7 +278,9 @@ impl Server {
                 self.reserved.remove(&user);
                 let result = match outcome {
                     PasswordOutcome::Hashed(Some(password_hash)) if !self.users.contains_key(&user) => {
-                        info!("registered {user}");
+                        if self.event(now) {
+                            info!("registered {user}");
+                        }
                         self.write(Write::CreateAccount {
                             user: user.clone(),
                             password_hash: password_hash.clone(),
@@ -362,7 +366,9 @@ impl Server {
         self.write(Write::OpenSession { token, user: user.clone() });
         self.hold(Held::Activate(token));
         self.schedule(token, now);
-        info!("{user} logged in from {} ({} missed)", reply.to, missed.len());
+        if self.event(now) {
+            info!("{user} logged in from {} ({} missed)", reply.to, missed.len());
+        }
         Ok(Response::LoggedIn { token, missed: missed.len() as u32, catching_up: catching_up as u32, epoch })
     }
 

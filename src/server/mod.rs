@@ -77,6 +77,8 @@ pub struct Transmit {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub datagrams_in: u64,
+    /// From a source address nothing is ever sent to (broadcast, multicast, unspecified, port 0).
+    pub bad_source: u64,
     pub undecodable: u64,
     pub version_mismatch: u64,
     pub unauthenticated_too_short: u64,
@@ -236,8 +238,41 @@ pub struct Server {
     /// When idle throttle buckets are next dropped.
     next_sweep: Option<Instant>,
     /// Debug lines about datagrams from anyone (drops, refusals): at most a few per second.
-    log_budget: Bucket,
-    log_suppressed: u64,
+    stranger_log: LogBudget,
+    /// Info lines about accounts and sessions (logins, logouts, registrations, expiries): an
+    /// account holder can cause them at the password workers' pace, so they are bounded too.
+    event_log: LogBudget,
+}
+
+/// A token bucket for log lines, which says how many it held back.
+struct LogBudget {
+    bucket: Bucket,
+    per_sec: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    fn new(per_sec: u32, now: Instant) -> LogBudget {
+        LogBudget { bucket: Bucket::full(per_sec * 10, now), per_sec, suppressed: 0 }
+    }
+
+    /// Whether a line at `level` may be logged now (false, and nothing counted, when the level
+    /// is off anyway).
+    fn allow(&mut self, now: Instant, level: log::Level) -> bool {
+        if !log::log_enabled!(level) {
+            return false;
+        }
+        let refill = Duration::from_secs(1) / self.per_sec;
+        if self.bucket.take(now, self.per_sec * 10, refill).is_ok() {
+            if self.suppressed > 0 {
+                log::log!(level, "({} similar lines suppressed)", std::mem::take(&mut self.suppressed));
+            }
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
 }
 
 /// How long a delivered mark may wait before it is written. Writing one per acknowledged push
@@ -251,6 +286,8 @@ const THROTTLE_KEYS: usize = 65_536;
 const SWEEP: Duration = Duration::from_secs(10);
 /// Debug lines about strangers' datagrams per second, at most (bursts of ten times that).
 const LOG_PER_SEC: u32 = 20;
+/// Info lines about accounts and sessions per second, at most (bursts of ten times that).
+const EVENT_LOG_PER_SEC: u32 = 50;
 /// Most recently expired tokens remembered.
 const EXPIRED_MEMORY: usize = 65_536;
 /// Room a page leaves for the frame: header, reply tag, request id, result and response tags,
@@ -305,8 +342,8 @@ impl Server {
             cookies: cookie::Cookies::new(),
             wall: (now, 0),
             next_sweep: None,
-            log_budget: Bucket::full(LOG_PER_SEC * 10, now),
-            log_suppressed: 0,
+            stranger_log: LogBudget::new(LOG_PER_SEC, now),
+            event_log: LogBudget::new(EVENT_LOG_PER_SEC, now),
         };
         for s in snapshot.sessions {
             server.restore_session(now, s.token, s.user, Duration::from_secs(s.age_secs));
@@ -366,19 +403,12 @@ impl Server {
     /// Whether a debug line about a stranger's datagram may be logged now: at most
     /// [`LOG_PER_SEC`] a second, so that nobody can fill the log by sending junk.
     fn noisy(&mut self, now: Instant) -> bool {
-        if !log::log_enabled!(log::Level::Debug) {
-            return false;
-        }
-        let burst = LOG_PER_SEC * 10;
-        if self.log_budget.take(now, burst, Duration::from_secs(1) / LOG_PER_SEC).is_ok() {
-            if self.log_suppressed > 0 {
-                debug!("({} similar lines suppressed)", std::mem::take(&mut self.log_suppressed));
-            }
-            true
-        } else {
-            self.log_suppressed += 1;
-            false
-        }
+        self.stranger_log.allow(now, log::Level::Debug)
+    }
+
+    /// Whether an info line about an account or session event may be logged now.
+    fn event(&mut self, now: Instant) -> bool {
+        self.event_log.allow(now, log::Level::Info)
     }
 
     pub fn config(&self) -> &ServerConfig {
@@ -404,6 +434,15 @@ impl Server {
     /// Feeds one received datagram.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.stats.datagrams_in += 1;
+        if !replyable(from) {
+            // A spoofed broadcast, multicast or unspecified source: any answer would go to many
+            // hosts at once, or nowhere.
+            self.stats.bad_source += 1;
+            if self.noisy(now) {
+                debug!("{from}: datagram from an address nothing is answered to, dropped");
+            }
+            return;
+        }
         let msg = match proto::decode_client(bytes) {
             Ok(msg) => msg,
             Err(DecodeError::Version(v)) => {
@@ -781,11 +820,10 @@ impl Server {
             let life_end = s.lifetime_end(self.cfg.session_max_lifetime());
             if now >= idle_end || now >= life_end {
                 self.stats.sessions_expired += 1;
-                info!(
-                    "session of {} expired ({})",
-                    s.user,
-                    if now >= life_end { "lifetime" } else { "idle" }
-                );
+                let why = if now >= life_end { "lifetime" } else { "idle" };
+                if self.event_log.allow(now, log::Level::Info) {
+                    info!("session of {} expired ({why})", s.user);
+                }
                 self.close_session(token, true);
                 continue;
             }
@@ -1297,6 +1335,21 @@ impl Server {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// Whether `addr` is one a datagram may be sent to in answer: not a broadcast, multicast or
+/// unspecified address, not port 0 (such a source is forged; an answer would reach many hosts, or
+/// none).
+fn replyable(addr: SocketAddr) -> bool {
+    use std::net::IpAddr;
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    addr.port() != 0
+        && !ip.is_unspecified()
+        && !ip.is_multicast()
+        && !matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
 
 /// An optional address for a log line.
 fn show_addr(a: Option<SocketAddr>) -> String {

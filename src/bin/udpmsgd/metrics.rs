@@ -248,6 +248,7 @@ pub fn render(core: &Server, shell: &ShellCounters) -> String {
         "Datagrams dropped without executing them, by reason.",
         &[
             ("{reason=\"undecodable\"}", s.undecodable),
+            ("{reason=\"bad_source\"}", s.bad_source),
             ("{reason=\"version\"}", s.version_mismatch),
             ("{reason=\"unpadded\"}", s.unauthenticated_too_short),
             (

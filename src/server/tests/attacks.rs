@@ -170,7 +170,7 @@ fn junk_from_strangers_leaves_no_state() {
         };
         let token = (i % 3 != 2).then_some(Token(t));
         let bytes = encode_with_id(i, token, body);
-        h.server.handle(h.now, ip(9, (i % 60_000) as u16), &bytes);
+        h.server.handle(h.now, ip(9, 1 + (i % 60_000) as u16), &bytes);
         if i % 1000 == 0 {
             h.drain();
         }
@@ -195,7 +195,7 @@ fn spoofed_registrations_create_nothing() {
             pad: vec![],
         };
         let (id, bytes) = h.encode(None, body);
-        let out = h.raw(ip(10, i), &bytes);
+        let out = h.raw(ip(10, 1 + i), &bytes);
         assert!(matches!(proto::decode_server(&out[0].bytes), Ok(ServerMsg::Retry { id: r, .. }) if r == id));
         assert!(out[0].bytes.len() <= bytes.len());
     }
@@ -226,14 +226,14 @@ fn spoofed_logins_do_not_reach_the_password_workers_under_load() {
             pad: vec![],
         };
         let (_, bytes) = h.encode(None, body);
-        h.server.handle(h.now, ip(20, i), &bytes);
+        h.server.handle(h.now, ip(20, 1 + i), &bytes);
     }
     assert_eq!(h.server.password_jobs(), 2);
     for i in 0..500 {
         let body =
             RequestBody::Login { user: format!("u{i}"), password: "guess".into(), cookie: None, pad: vec![] };
         let (_, bytes) = h.encode(None, body);
-        h.server.handle(h.now, ip(21, i), &bytes);
+        h.server.handle(h.now, ip(21, 1 + i), &bytes);
     }
     assert_eq!(h.server.password_jobs(), 2, "no job without a cookie under load");
     assert_eq!(h.server.limits.len(), 3, "only the two real attempts' buckets");
@@ -445,4 +445,32 @@ fn a_session_logs_at_most_a_line_a_minute() {
     assert!(s.may_log(t0));
     assert!(!s.may_log(t0 + Duration::from_secs(59)));
     assert!(s.may_log(t0 + Duration::from_secs(60)));
+}
+
+/// Found in review: a spoofed broadcast or multicast source address made every host on the
+/// segment receive the answer (one datagram, many receivers); an unspecified or port-0 source
+/// cannot be answered at all.
+#[test]
+fn datagrams_from_broadcast_or_multicast_sources_are_not_answered() {
+    let mut h = H::new();
+    let ping = encode_with_id(1, None, RequestBody::Ping);
+    for from in [
+        "255.255.255.255:7070",
+        "224.0.0.1:7070",
+        "239.1.2.3:5353",
+        "0.0.0.0:7070",
+        "127.0.0.1:0",
+        "[ff02::1]:7070",
+        "[::]:7070",
+        "[::ffff:255.255.255.255]:7070",
+        "[::ffff:224.0.0.251]:5353",
+    ] {
+        let from: SocketAddr = from.parse().unwrap();
+        assert!(h.raw(from, &ping).is_empty(), "{from} was answered");
+        let mut v2 = ping.clone();
+        v2[2] = 2;
+        assert!(h.raw(from, &v2).is_empty(), "{from} got a version notice");
+    }
+    assert_eq!(h.server.stats().bad_source, 18);
+    assert_eq!(h.raw(a(1), &ping).len(), 1, "a unicast source is answered");
 }
