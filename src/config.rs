@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub max_retrieve: u32,
     /// Messages kept per inbox; beyond it the oldest go.
     pub max_inbox: u32,
+    /// Memory for what the daemon keeps of the store (accounts, follower lists, the newest
+    /// messages of inboxes), in bytes; 0 keeps nothing (every request reads what it needs).
+    pub cache_bytes: u64,
     /// Users one user may follow.
     pub max_subscriptions: u32,
     /// Concurrent sessions per user and in total.
@@ -139,6 +142,7 @@ impl Default for ServerConfig {
             max_password_len: 128,
             max_retrieve: 100,
             max_inbox: 1000,
+            cache_bytes: 128 << 20,
             max_subscriptions: 1000,
             max_sessions_per_user: 16,
             max_sessions: 250_000,
@@ -207,6 +211,7 @@ impl ServerConfig {
         )?;
         range("max_retrieve", self.max_retrieve, 1, 10_000)?;
         range("max_inbox", self.max_inbox, 1, 1_000_000)?;
+        range("cache_bytes", self.cache_bytes, 0, 1 << 40)?;
         range("max_subscriptions", self.max_subscriptions, 1, 100_000)?;
         range("max_sessions_per_user", self.max_sessions_per_user, 1, 1024)?;
         range("max_sessions", self.max_sessions, 1, 10_000_000)?;

@@ -690,45 +690,16 @@ pub fn quoted(s: &str, max: usize) -> String {
 }
 
 /// A message encoded once, so that forwarding it to many sessions only copies bytes.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedMessage {
     pub message: Message,
     wire: Vec<u8>,
-    /// How many inboxes hold it: when the last one lets go, its stored copy can go too.
-    inboxes: std::sync::atomic::AtomicU32,
 }
-
-impl Clone for EncodedMessage {
-    /// A copy held by no inbox.
-    fn clone(&self) -> Self {
-        EncodedMessage { message: self.message.clone(), wire: self.wire.clone(), inboxes: Default::default() }
-    }
-}
-
-impl PartialEq for EncodedMessage {
-    fn eq(&self, other: &Self) -> bool {
-        self.message == other.message
-    }
-}
-
-impl Eq for EncodedMessage {}
 
 impl EncodedMessage {
     pub fn new(message: Message) -> Self {
         let wire = postcard::to_stdvec(&message).expect("wire types serialize");
-        EncodedMessage { message, wire, inboxes: Default::default() }
-    }
-
-    /// Counts one more inbox holding the message.
-    pub fn enter_inbox(&self) {
-        self.inboxes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Counts one inbox less; returns whether none holds it any more.
-    pub fn leave_inbox(&self) -> bool {
-        let before = self.inboxes.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        debug_assert!(before > 0, "left an inbox it was not in");
-        before == 1
+        EncodedMessage { message, wire }
     }
 
     /// Bytes of the message inside a push or a page.

@@ -118,9 +118,28 @@ impl Sim {
             let (id, outcome) = job.run();
             self.server.on_password_done(now, id, outcome);
         }
-        if let Some((n, writes)) = self.server.take_writes() {
-            self.store.commit(&writes).unwrap();
-            self.server.on_committed(now, n, writes.len());
+        // The store serves commits and reads in order, as the daemon's store thread does.
+        loop {
+            let mut busy = false;
+            if let Some((n, writes)) = self.server.take_writes() {
+                self.store.commit(&writes).unwrap();
+                self.server.on_committed(now, n, writes.len());
+                busy = true;
+            }
+            while let Some(job) = self.server.poll_read() {
+                let (id, read) = (job.id, job.read);
+                let r = self.store.read(&read);
+                self.server.on_read(now, id, r);
+                busy = true;
+            }
+            while let Some(job) = self.server.poll_password_job() {
+                let (id, outcome) = job.run();
+                self.server.on_password_done(now, id, outcome);
+                busy = true;
+            }
+            if !busy {
+                break;
+            }
         }
         while let Some(t) = self.server.poll_transmit() {
             self.net.send(now, (addr(SERVER), t.to, t.bytes));

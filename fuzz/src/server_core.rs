@@ -18,7 +18,8 @@
 //!   ([`ADVANCE_MS`]; alice pings every 20 s of virtual time, as her client would);
 //! - `mode & 1`: the turn goes on (the next record is received in the same event-loop turn);
 //! - `mode & 2`: password jobs stay queued at the end of this turn (the workers are slow);
-//! - `mode & 4`: the commit at the end of this turn fails (a full disk);
+//! - `mode & 4`: the first commit at the end of this turn fails (a full disk);
+//! - `mode & 8`: the store's reads fail in this turn;
 //! - `len` (little endian, at most 2048, the daemon's receive buffer): the datagram's length.
 //!
 //! In a datagram, each 16 bytes made of [`TOKEN_SLOT`] followed by a byte `k` are replaced by a
@@ -422,31 +423,51 @@ impl Harness {
         &mut self,
         mode: u8,
     ) -> (Vec<(SocketAddr, u64, Result<Response, ErrorCode>)>, Vec<(SocketAddr, u64)>) {
-        while let Some(job) = self.server.poll_password_job() {
-            self.jobs.push(job);
-        }
-        if mode & 2 == 0 {
-            for job in std::mem::take(&mut self.jobs) {
-                let (id, outcome) = job.run();
-                self.server.on_password_done(self.now, id, outcome);
+        // Password jobs, commits and reads until nothing is left (the store serves commits and
+        // reads in order), as the daemon's loop and store thread do over a few turns.
+        let mut fail_commit = mode & 4 != 0;
+        self.store.fail_reads = mode & 8 != 0;
+        loop {
+            let mut busy = false;
+            while let Some(job) = self.server.poll_password_job() {
+                self.jobs.push(job);
+            }
+            if mode & 2 == 0 {
+                for job in std::mem::take(&mut self.jobs) {
+                    let (id, outcome) = job.run();
+                    self.server.on_password_done(self.now, id, outcome);
+                    busy = true;
+                }
+            }
+            if let Some((n, writes)) = self.server.take_writes() {
+                busy = true;
+                if fail_commit {
+                    fail_commit = false;
+                    let durable = self.store.load().unwrap();
+                    self.server.on_commit_failed(self.now, n, durable);
+                } else {
+                    self.store.commit(&writes).unwrap();
+                    self.server.on_committed(self.now, n, writes.len());
+                }
+            }
+            while let Some(r) = self.server.poll_read() {
+                busy = true;
+                let result = self.store.read(&r.read);
+                self.server.on_read(self.now, r.id, result);
+            }
+            if !busy {
+                break;
             }
         }
-        if let Some((n, writes)) = self.server.take_writes() {
-            if mode & 4 != 0 {
-                let durable = self.store.load().unwrap();
-                self.server.on_commit_failed(self.now, n, durable);
-            } else {
-                self.store.commit(&writes).unwrap();
-                self.server.on_committed(self.now, n, writes.len());
-            }
+        self.store.fail_reads = false;
+        if self.jobs.is_empty() {
             let stored = self.store.load().unwrap().sessions.len();
             assert_eq!(
                 self.server.session_count(),
                 stored,
-                "after a commit the core has as many sessions as the store"
+                "once all is committed the core has as many sessions as the store"
             );
         }
-        assert!(self.server.take_writes().is_none(), "one batch per turn");
         assert!(
             self.server.session_count() <= self.cfg.max_sessions as usize,
             "max_sessions is a hard limit"
@@ -560,6 +581,10 @@ impl Harness {
             }
             if let Some((n, writes)) = r.take_writes() {
                 r.on_committed(self.now, n, writes.len());
+            }
+            // The reflector's reads find nothing: it has no data.
+            while let Some(read) = r.poll_read() {
+                r.on_read(self.now, read.id, Err(udpmsg::store::StoreError("no data".into())));
             }
             while let Some(t) = r.poll_transmit() {
                 if t.to == PEER {

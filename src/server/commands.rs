@@ -1,77 +1,154 @@
-//! The requests: validate, apply to the in-memory state, describe the durable writes, answer.
+//! The requests: validate, gather the data they need, apply, describe the durable writes, answer.
 //!
-//! Each handler returns `Some(result)` for an immediate answer or `None` when a password job was
-//! submitted and the answer comes from [`Server::finish_auth`].
+//! Each handler first checks what it can without data, then asks for the data it needs (see
+//! [`super::reads`]); while any is missing it returns [`Step::Need`] *before changing anything*,
+//! and runs again from the start once the data is there. Only then does it charge throttles,
+//! write and answer. [`Step::Later`] means a password job was submitted (the answer comes from
+//! [`Server::finish_auth`]) or a cookie retry was sent.
 //!
-//! | request | needs session | errors |
-//! |---|---|---|
-//! | Register{user,password,cookie} | no (always a cookie) | RegistrationClosed, InvalidName, InvalidPassword, NameTaken, TooManyAccounts, RateLimited, Busy |
-//! | Login{user,password,cookie} | no (a cookie when asked) | BadCredentials, TooManySessions, RateLimited, Busy |
-//! | Logout | yes | NotLoggedIn, SessionExpired |
-//! | Subscribe{user} | yes | NoSuchUser, CannotSubscribeToSelf, AlreadySubscribed, TooManySubscriptions |
-//! | Unsubscribe{user} | yes | NoSuchUser, NotSubscribed |
-//! | Post{text} | yes | EmptyText, TextTooLong, InvalidText, RateLimited |
-//! | Send{to,text} | yes | NoSuchUser, EmptyText, TextTooLong, InvalidText, RateLimited |
-//! | Retrieve{count,before} | yes | CountOutOfRange |
-//! | ListUsers{pattern,after} | yes | InvalidPattern |
-//! | Ping, WhoAmI, Subscriptions | yes | |
-//! | DeleteAccount{password} | yes | BadCredentials, RateLimited, Busy |
+//! | request | needs session | reads | errors |
+//! |---|---|---|---|
+//! | Register{user,password,cookie} | no (always a cookie) | account | RegistrationClosed, InvalidName, InvalidPassword, NameTaken, TooManyAccounts, RateLimited, Busy |
+//! | Login{user,password,cookie} | no (a cookie when asked) | account, then the catch-up | BadCredentials, TooManySessions, RateLimited, Busy |
+//! | Logout | yes | | NotLoggedIn, SessionExpired |
+//! | Subscribe{user} | yes | account, follows | NoSuchUser, CannotSubscribeToSelf, AlreadySubscribed, TooManySubscriptions |
+//! | Unsubscribe{user} | yes | account, follows | NoSuchUser, NotSubscribed |
+//! | Post{text} | yes | followers | EmptyText, TextTooLong, InvalidText, RateLimited |
+//! | Send{to,text} | yes | account, follows | NoSuchUser, EmptyText, TextTooLong, InvalidText, RateLimited |
+//! | Retrieve{count,before} | yes | inbox | CountOutOfRange |
+//! | ListUsers{pattern,after} | yes | names | InvalidPattern |
+//! | Ping, WhoAmI | yes | | |
+//! | Subscriptions{after} | yes | relations | |
+//! | DeleteAccount{password} | yes | account | BadCredentials, RateLimited, Busy |
 //!
-//! A login or registration that needs a cookie is answered with [`proto::ServerMsg::Retry`]
-//! instead (see [`super::cookie`] and [`super::login_limits`]).
+//! Any request that needs a read can also be answered StorageUnavailable (the read failed) or
+//! Busy (too many requests wait for reads). A login or registration that needs a cookie is
+//! answered with [`proto::ServerMsg::Retry`] instead (see [`super::cookie`] and
+//! [`super::login_limits`]).
 
 use super::login_limits::{self, Verdict};
+use super::reads::{Job, Step, MAX_PARKED};
 use super::throttle::Prefix;
-use super::{Account, Auth, Held, ReplyTo, Server, Session, Slot};
+use super::{Auth, Held, ReplyTo, Rerun, Server, Session, Slot};
 use crate::password::{JobKind, PasswordOutcome};
 use crate::proto::{
-    self, Cookie, EncodedMessage, ErrorCode, Message, Relation, RequestBody, Response, Token,
+    self, Cookie, EncodedMessage, ErrorCode, Message, Relation, Request, RequestBody, Response, Token,
 };
-use crate::store::Write;
+use crate::store::{AccountRecord, Read, Write};
 use log::info;
-use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-type Answer = Option<Result<Response, ErrorCode>>;
+/// Names a users# page scans at most; the client asks again from the cursor.
+const SCAN: u32 = 4096;
+/// Relations read per subscriptions page (more than one datagram holds).
+const RELATIONS_PAGE: u32 = 64;
+/// Messages read for one retrieve page at most (more than one datagram holds).
+const RETRIEVE_PAGE: u32 = 128;
 
 impl Server {
+    /// Runs `job` (again): a request, a login to complete, a restored session's catch-up.
+    pub(super) fn run(&mut self, now: Instant, job: Job) {
+        match job {
+            Job::Request { from, len, reply, session, token, body } => {
+                let writes_before = self.writes.len();
+                // If a session's reply will wait for a commit, keep the request: should the
+                // commit fail and the request turn out to have only read, it runs again on the
+                // restored state. (Requests without a session never wait unless they wrote:
+                // they cannot have seen anything uncommitted, and a stranger's datagram must not
+                // cost a copy.)
+                let keep = session.is_some() && self.gate().is_some();
+                match self.execute(now, reply, session, token, &body) {
+                    Step::Answer(result) => {
+                        self.forget_error(reply, &result);
+                        let wrote = self.writes.len() > writes_before;
+                        let rerun = (keep && !wrote).then(|| {
+                            Box::new(Rerun { from, len, request: Request { id: reply.id, token, body } })
+                        });
+                        self.reply_and_persist(now, reply, result, wrote, rerun);
+                    }
+                    Step::Later => {}
+                    Step::Need(needs) => {
+                        let job = Job::Request { from, len, reply, session, token, body };
+                        self.wait(now, job, needs);
+                    }
+                }
+            }
+            Job::Login { reply, account, remember } => {
+                let before = self.writes.len();
+                match self.open_session(now, reply, &account, remember) {
+                    Step::Answer(result) => {
+                        self.forget_error(reply, &result);
+                        let wrote = self.writes.len() > before;
+                        self.reply_and_persist(now, reply, result, wrote, None);
+                    }
+                    Step::Later => {}
+                    Step::Need(needs) => self.wait(now, Job::Login { reply, account, remember }, needs),
+                }
+            }
+            Job::Restore { token, user_id, last_delivered } => {
+                let mut needs = Vec::new();
+                let max = self.cfg.catch_up_max;
+                match self.inbox(user_id, max, None, Some(last_delivered), &mut needs) {
+                    Some((messages, _)) => {
+                        if let Some(s) = self.sessions.get_mut(&token) {
+                            s.queue.extend(messages.into_iter().filter(|m| m.message.id > last_delivered));
+                            self.pump(now, token);
+                            self.schedule(token, now);
+                        }
+                    }
+                    None => self.wait(now, Job::Restore { token, user_id, last_delivered }, needs),
+                }
+            }
+        }
+    }
+
+    /// Parks `job` for `needs`, or answers "busy" when too many wait already.
+    fn wait(&mut self, now: Instant, job: Job, needs: Vec<Read>) {
+        let got = std::mem::take(&mut self.reads.scratch);
+        if self.reads.parked() >= MAX_PARKED {
+            self.stats.busy += 1;
+            if let Job::Request { reply, .. } | Job::Login { reply, .. } = job {
+                self.forget(reply);
+                self.reply(now, reply, Err(ErrorCode::Busy));
+            }
+            return;
+        }
+        if let Job::Request { reply, .. } = &job {
+            // Retransmissions while it waits are ignored rather than run again.
+            self.pending(now, *reply);
+        }
+        self.park(job, needs, got);
+    }
+
     pub(super) fn execute(
         &mut self,
         now: Instant,
         reply: ReplyTo,
         session: Option<Token>,
         token: Option<Token>,
-        body: RequestBody,
-    ) -> Answer {
-        let answer = match (body, session) {
+        body: &RequestBody,
+    ) -> Step {
+        match (body, session) {
             (RequestBody::Register { user, password, cookie, .. }, _) => {
-                self.register(now, reply, user, password, cookie)
+                self.register(now, reply, user, password, cookie.as_ref())
             }
             (RequestBody::Login { user, password, cookie, .. }, _) => {
-                self.login(now, reply, user, password, cookie)
+                self.login(now, reply, user, password, cookie.as_ref())
             }
             // Health checks: a ping without a token is answered (with as many bytes as it had).
-            (RequestBody::Ping, None) if token.is_none() => Some(Ok(Response::Pong)),
-            (_, None) => Some(Err(self.no_session_error(token))),
+            (RequestBody::Ping, None) if token.is_none() => Step::Answer(Ok(Response::Pong)),
+            (_, None) => Step::Answer(Err(self.no_session_error(token))),
             (body, Some(token)) => self.execute_in_session(now, reply, token, body),
-        };
-        if let Some(result) = &answer {
-            // Errors are cheap to recompute; do not let them occupy the bounded cache.
-            self.forget_error(reply, result);
         }
-        answer
     }
 
-    fn execute_in_session(
-        &mut self,
-        now: Instant,
-        reply: ReplyTo,
-        token: Token,
-        body: RequestBody,
-    ) -> Answer {
-        let user = self.sessions.get(&token).map(|s| s.user.clone())?;
-        Some(match body {
+    fn execute_in_session(&mut self, now: Instant, reply: ReplyTo, token: Token, body: &RequestBody) -> Step {
+        let Some((user, user_id)) = self.sessions.get(&token).map(|s| (s.user.clone(), s.user_id)) else {
+            return Step::Answer(Err(ErrorCode::NotLoggedIn));
+        };
+        let answer = |r| Step::Answer(r);
+        match body {
             RequestBody::Register { .. } | RequestBody::Login { .. } => unreachable!("handled before"),
             RequestBody::Logout => {
                 self.close_session(token, false);
@@ -79,69 +156,71 @@ impl Server {
                     info!("{user} logged out");
                 }
                 // A retransmitted logout finds its reply under the token.
-                Ok(Response::LoggedOut)
+                answer(Ok(Response::LoggedOut))
             }
-            RequestBody::Subscribe { user: target } => self.subscribe(&user, target),
-            RequestBody::Unsubscribe { user: target } => self.unsubscribe(&user, target),
+            RequestBody::Subscribe { user: target } => self.subscribe(&user, user_id, target),
+            RequestBody::Unsubscribe { user: target } => self.unsubscribe(&user, user_id, target),
             RequestBody::Post { text } => self.post(now, &user, None, text),
             RequestBody::Send { to, text } => self.post(now, &user, Some(to), text),
-            RequestBody::Retrieve { count, before } => self.retrieve(&user, count, before),
-            RequestBody::ListUsers { pattern, after } => self.list_users(pattern, after),
-            RequestBody::Ping => Ok(Response::SessionPong { epoch: self.epoch }),
-            RequestBody::WhoAmI => Ok(Response::Me {
-                sessions: self.users.get(&user).map_or(0, |a| a.sessions.len() as u32),
-                user,
-            }),
-            RequestBody::Subscriptions { after } => self.relations(&user, after),
-            RequestBody::DeleteAccount { password } => return self.delete(now, reply, token, user, password),
-        })
+            RequestBody::Retrieve { count, before } => self.retrieve(user_id, *count, *before),
+            RequestBody::ListUsers { pattern, after } => self.list_users(pattern, after.as_deref()),
+            RequestBody::Ping => answer(Ok(Response::SessionPong { epoch: self.epoch })),
+            RequestBody::WhoAmI => {
+                let sessions = self.live.get(&user).map_or(0, |t| t.len() as u32);
+                answer(Ok(Response::Me { user, sessions }))
+            }
+            RequestBody::Subscriptions { after } => self.relations(&user, after.as_deref()),
+            RequestBody::DeleteAccount { password } => self.delete(now, reply, token, user, password),
+        }
     }
 
     fn register(
         &mut self,
         now: Instant,
         reply: ReplyTo,
-        user: String,
-        password: String,
-        cookie: Option<Cookie>,
-    ) -> Answer {
+        user: &str,
+        password: &str,
+        cookie: Option<&Cookie>,
+    ) -> Step {
         if !self.cfg.allow_registration {
-            return Some(Err(ErrorCode::RegistrationClosed));
+            return Step::Answer(Err(ErrorCode::RegistrationClosed));
         }
-        if !proto::valid_name(&user, self.cfg.max_name_len as usize) {
-            return Some(Err(ErrorCode::InvalidName { max_len: self.cfg.max_name_len }));
+        if !proto::valid_name(user, self.cfg.max_name_len as usize) {
+            return Step::Answer(Err(ErrorCode::InvalidName { max_len: self.cfg.max_name_len }));
         }
         let (min, max) = (self.cfg.min_password_len, self.cfg.max_password_len);
         if password.len() < min as usize || password.len() > max as usize {
-            return Some(Err(ErrorCode::InvalidPassword { min_len: min, max_len: max }));
+            return Step::Answer(Err(ErrorCode::InvalidPassword { min_len: min, max_len: max }));
         }
         // An account is only ever made for an address that receives our answers: a registration
         // always needs a cookie (one round trip more, once per account), so spoofed ones cost
         // nothing, create nothing and learn nothing (not even whether the name is taken).
-        if !self.proven(now, reply.to, cookie.as_ref()) {
+        if !self.proven(now, reply.to, cookie) {
             self.retry(now, reply);
-            return None;
+            return Step::Later;
         }
-        if self.users.contains_key(&user) || self.reserved.contains(&user) {
-            return Some(Err(ErrorCode::NameTaken { user }));
+        let mut needs = Vec::new();
+        let Some(existing) = self.account(user, &mut needs) else { return Step::Need(needs) };
+        if existing.is_some() || self.reserved.contains(user) {
+            return Step::Answer(Err(ErrorCode::NameTaken { user: user.to_string() }));
         }
-        if self.users.len() + self.reserved.len() >= self.cfg.max_accounts as usize {
-            return Some(Err(ErrorCode::TooManyAccounts { max: self.cfg.max_accounts }));
+        if self.accounts + self.reserved.len() as u64 >= u64::from(self.cfg.max_accounts) {
+            return Step::Answer(Err(ErrorCode::TooManyAccounts { max: self.cfg.max_accounts }));
         }
         // Each attempt that would cost a hash takes a token from the address's bucket.
         if let Err(wait) = self.register_by_addr.take(now, &Prefix::of(reply.to.ip())) {
             self.stats.registrations_throttled += 1;
-            return Some(Err(rate_limited(wait)));
+            return Step::Answer(Err(rate_limited(wait)));
         }
         self.next_sweep.get_or_insert(now + super::SWEEP);
-        let job = JobKind::Hash { password, params: self.hash_params };
-        match self.submit_job(now, job, Auth::Register { user: user.clone(), reply }) {
+        let job = JobKind::Hash { password: password.to_string(), params: self.hash_params };
+        match self.submit_job(now, job, Auth::Register { user: user.to_string(), reply }) {
             Ok(()) => {
                 self.pending(now, reply);
-                self.reserved.insert(user);
-                None
+                self.reserved.insert(user.to_string());
+                Step::Later
             }
-            Err(e) => Some(Err(e)),
+            Err(e) => Step::Answer(Err(e)),
         }
     }
 
@@ -150,14 +229,15 @@ impl Server {
         cookie.is_some_and(|c| self.cookies.check(now, self.rng.as_mut(), from, c))
     }
 
-    /// Whether the password workers have more than they can start at once: from then on,
-    /// only logins from proven addresses are hashed.
+    /// Whether the password workers, or the store's reads, have more than they can start at
+    /// once: from then on, only logins from proven addresses are taken on.
     fn under_load(&self) -> bool {
-        self.auth.len() >= self.cfg.password_workers as usize
+        self.auth.len() >= self.cfg.password_workers as usize || self.reads.in_flight() >= READS_UNDER_LOAD
     }
 
-    /// Marks a login or registration as under way in the reply cache: its retransmissions are
-    /// ignored rather than run again. Only a request that got this far has an entry.
+    /// Marks a login, registration or request waiting for a read as under way in the reply
+    /// cache: its retransmissions are ignored rather than run again. Only a request that got
+    /// this far has an entry.
     fn pending(&mut self, now: Instant, reply: ReplyTo) {
         if let Slot::Global(key) = reply.slot {
             self.replies.insert(now, key, super::Entry::Pending);
@@ -168,52 +248,63 @@ impl Server {
         &mut self,
         now: Instant,
         reply: ReplyTo,
-        user: String,
-        password: String,
-        cookie: Option<Cookie>,
-    ) -> Answer {
+        user: &str,
+        password: &str,
+        cookie: Option<&Cookie>,
+    ) -> Step {
         if password.len() > self.cfg.max_password_len as usize
-            || !proto::valid_name(&user, proto::MAX_NAME_LEN)
+            || !proto::valid_name(user, proto::MAX_NAME_LEN)
         {
             // No such account can exist; say so the same way, without hashing.
-            return Some(Err(ErrorCode::BadCredentials));
+            return Step::Answer(Err(ErrorCode::BadCredentials));
         }
         if self.sessions.len() >= self.cfg.max_sessions as usize {
             // Full whoever logs in: say so before any hashing.
             self.stats.busy += 1;
-            return Some(Err(ErrorCode::Busy));
+            return Step::Answer(Err(ErrorCode::Busy));
         }
-        let proven = self.proven(now, reply.to, cookie.as_ref());
+        let proven = self.proven(now, reply.to, cookie);
         let prefix = Prefix::of(reply.to.ip());
-        let known = self.users.get(&user).is_some_and(|a| a.known.contains(&prefix));
-        let under_load = self.under_load();
-        let charged = match self.limits.admit(now, &user, reply.to.ip(), proven, known, under_load) {
+        // Throttled or cookie-less-under-load attempts cost nothing, not even a read.
+        match self.limits.check(now, user, reply.to.ip(), proven, self.under_load()) {
+            None | Some(Verdict::Go(_)) => {}
+            Some(Verdict::Retry) => {
+                self.retry(now, reply);
+                return Step::Later;
+            }
+            Some(Verdict::Wait(wait)) => {
+                self.stats.logins_throttled += 1;
+                return Step::Answer(Err(rate_limited(wait)));
+            }
+        }
+        let mut needs = Vec::new();
+        let Some(account) = self.account(user, &mut needs) else { return Step::Need(needs) };
+        let known = account.as_ref().is_some_and(|a| login_limits::known(&a.known, prefix));
+        let charged = match self.limits.admit(now, user, reply.to.ip(), proven, known, self.under_load()) {
             Verdict::Go(charged) => charged,
             Verdict::Retry => {
                 self.retry(now, reply);
-                return None;
+                return Step::Later;
             }
             Verdict::Wait(wait) => {
                 self.stats.logins_throttled += 1;
-                return Some(Err(rate_limited(wait)));
+                return Step::Answer(Err(rate_limited(wait)));
             }
         };
         self.next_sweep.get_or_insert(now + super::SWEEP);
         // An unknown user is verified against a dummy hash, so that it costs the same time as a
         // wrong password; the outcome is ignored.
-        let hash = match self.users.get(&user) {
-            Some(acc) => acc.password_hash.clone(),
-            None => self.dummy_hash.clone(),
-        };
-        let job = JobKind::Verify { password, hash: hash.clone() };
-        match self.submit_job(now, job, Auth::Login { user, reply, hash, charged: charged.clone() }) {
+        let hash = account.as_ref().map_or_else(|| self.dummy_hash.clone(), |a| a.password_hash.clone());
+        let job = JobKind::Verify { password: password.to_string(), hash };
+        let auth = Auth::Login { user: user.to_string(), reply, account, charged: charged.clone() };
+        match self.submit_job(now, job, auth) {
             Ok(()) => {
                 self.pending(now, reply);
-                None
+                Step::Later
             }
             Err(e) => {
                 self.limits.refund(&charged);
-                Some(Err(e))
+                Step::Answer(Err(e))
             }
         }
     }
@@ -221,96 +312,87 @@ impl Server {
     /// Deleting one's account checks the password again: through the same limits as a login,
     /// and one check at a time per session, so a session (or a stolen token) is no faster a
     /// password oracle than the login.
-    fn delete(
-        &mut self,
-        now: Instant,
-        reply: ReplyTo,
-        token: Token,
-        user: String,
-        password: String,
-    ) -> Answer {
-        let hash = self.users.get(&user)?.password_hash.clone();
-        let s = self.sessions.get_mut(&token)?;
+    fn delete(&mut self, now: Instant, reply: ReplyTo, token: Token, user: String, password: &str) -> Step {
+        let Some(s) = self.sessions.get(&token) else { return Step::Answer(Err(ErrorCode::NotLoggedIn)) };
         if s.password_job {
-            return Some(Err(ErrorCode::Busy));
+            return Step::Answer(Err(ErrorCode::Busy));
         }
         // From the session's proven address it counts as proven; from anywhere else it cannot
         // be (there is no cookie to show), and when the unproven allowance is gone it waits.
         let proven = s.verified && s.addr == Some(reply.to);
-        let prefix = Prefix::of(reply.to.ip());
-        let known = self.users.get(&user).is_some_and(|a| a.known.contains(&prefix));
+        let mut needs = Vec::new();
+        let Some(account) = self.account(&user, &mut needs) else { return Step::Need(needs) };
+        let Some(account) = account else { return Step::Answer(Err(ErrorCode::NotLoggedIn)) };
+        let known = login_limits::known(&account.known, Prefix::of(reply.to.ip()));
         match self.limits.admit(now, &user, reply.to.ip(), proven, known, false) {
             Verdict::Go(_) => {}
             Verdict::Retry => {
                 self.stats.logins_throttled += 1;
                 let refill = Duration::from_secs(self.cfg.login_failures_per_user_refill_secs);
-                return Some(Err(rate_limited(refill)));
+                return Step::Answer(Err(rate_limited(refill)));
             }
             Verdict::Wait(wait) => {
                 self.stats.logins_throttled += 1;
-                return Some(Err(rate_limited(wait)));
+                return Step::Answer(Err(rate_limited(wait)));
             }
         }
         self.next_sweep.get_or_insert(now + super::SWEEP);
         let slot = super::reply_cache::Key::Token(token, reply.id);
         let reply = ReplyTo { slot: Slot::Global(slot), ..reply };
-        match self.submit_job(now, JobKind::Verify { password, hash }, Auth::Delete { user, reply, token }) {
+        let job = JobKind::Verify { password: password.to_string(), hash: account.password_hash.clone() };
+        match self.submit_job(now, job, Auth::Delete { user, reply, token }) {
             Ok(()) => {
                 self.pending(now, reply);
                 if let Some(s) = self.sessions.get_mut(&token) {
                     s.password_job = true;
                 }
-                None
+                Step::Later
             }
-            Err(e) => Some(Err(e)),
+            Err(e) => Step::Answer(Err(e)),
         }
     }
 
-    /// Completes a register, login or delete once its password job has run.
+    /// Completes a register, login or delete once its password job has run. A login whose
+    /// password was right goes on to read its catch-up ([`Job::Login`]).
     pub(super) fn finish_auth(
         &mut self,
         now: Instant,
         auth: Auth,
         outcome: PasswordOutcome,
-    ) -> (ReplyTo, Result<Response, ErrorCode>) {
+    ) -> Option<(ReplyTo, Result<Response, ErrorCode>)> {
         match auth {
             Auth::Register { user, reply } => {
                 self.reserved.remove(&user);
                 let result = match outcome {
-                    PasswordOutcome::Hashed(Some(password_hash)) if !self.users.contains_key(&user) => {
+                    PasswordOutcome::Hashed(Some(password_hash)) => {
                         if self.event(now) {
                             info!("registered {user}");
                         }
-                        self.write(Write::CreateAccount {
-                            user: user.clone(),
-                            password_hash: password_hash.clone(),
-                        });
-                        self.users.insert(user, Account::new(password_hash, now));
+                        self.account_changed(&user);
+                        self.accounts += 1;
+                        self.write(Write::CreateAccount { user, password_hash });
                         Ok(Response::Registered)
                     }
-                    PasswordOutcome::Hashed(Some(_)) => Err(ErrorCode::NameTaken { user }),
                     _ => Err(ErrorCode::StorageUnavailable),
                 };
                 self.forget_error(reply, &result);
-                (reply, result)
+                Some((reply, result))
             }
-            Auth::Login { user, reply, hash, charged } => {
-                let ok = outcome == PasswordOutcome::Verified(true)
-                    && self.users.get(&user).is_some_and(|a| a.password_hash == hash);
-                if ok {
-                    self.limits.refund(&charged);
-                    if let Some(acc) = self.users.get_mut(&user) {
-                        // This address now knows the password: the per-account brake is not
-                        // for it.
-                        acc.known.retain(|p| *p != charged.prefix());
-                        acc.known.insert(0, charged.prefix());
-                        acc.known.truncate(login_limits::KNOWN_ADDRESSES);
-                    }
-                }
-                let result =
-                    if ok { self.open_session(now, reply, user) } else { Err(ErrorCode::BadCredentials) };
-                self.forget_error(reply, &result);
-                (reply, result)
+            Auth::Login { user, reply, account, charged } => {
+                let Some(account) = account.filter(|_| outcome == PasswordOutcome::Verified(true)) else {
+                    let result = Err(ErrorCode::BadCredentials);
+                    self.forget_error(reply, &result);
+                    return Some((reply, result));
+                };
+                self.limits.refund(&charged);
+                // This address now knows the password: the per-account brake is not for it
+                // (written when the session opens, after its catch-up is read).
+                let known = login_limits::remember(&account.known, charged.prefix());
+                let remember = known != account.known;
+                let account = Arc::new(AccountRecord { known, ..(*account).clone() });
+                debug_assert_eq!(account.user, user);
+                self.run(now, Job::Login { reply, account, remember });
+                None
             }
             Auth::Delete { user, reply, token } => {
                 if let Some(s) = self.sessions.get_mut(&token) {
@@ -328,110 +410,131 @@ impl Server {
                     Err(ErrorCode::BadCredentials)
                 };
                 self.forget_error(reply, &result);
-                (reply, result)
+                Some((reply, result))
             }
         }
     }
 
-    fn forget_error(&mut self, reply: ReplyTo, result: &Result<Response, ErrorCode>) {
+    pub(super) fn forget_error(&mut self, reply: ReplyTo, result: &Result<Response, ErrorCode>) {
         if let (Slot::Global(key), Err(_)) = (reply.slot, result) {
             self.replies.remove(&key);
         }
     }
 
-    fn open_session(&mut self, now: Instant, reply: ReplyTo, user: String) -> Result<Response, ErrorCode> {
+    /// Opens a session for a login whose password was right, with what arrived while none of
+    /// the user's sessions was there to receive it.
+    fn open_session(
+        &mut self,
+        now: Instant,
+        reply: ReplyTo,
+        account: &AccountRecord,
+        remember: bool,
+    ) -> Step {
         let per_user = self.cfg.max_sessions_per_user;
-        let epoch = self.epoch;
-        let acc = self.users.get(&user).ok_or(ErrorCode::BadCredentials)?;
-        if acc.sessions.len() >= per_user as usize {
-            return Err(ErrorCode::TooManySessions { max: per_user });
+        let user = account.user.clone();
+        if self.live.get(&user).map_or(0, Vec::len) >= per_user as usize {
+            return Step::Answer(Err(ErrorCode::TooManySessions { max: per_user }));
         }
         if self.sessions.len() >= self.cfg.max_sessions as usize {
             self.stats.busy += 1;
-            return Err(ErrorCode::Busy);
+            return Step::Answer(Err(ErrorCode::Busy));
         }
+        // Catch-up: the newest catch_up_max of what arrived since the last delivery.
+        let last = self.delivered.get(&user).copied().unwrap_or(0).max(account.last_delivered);
+        let mut needs = Vec::new();
+        let Some((newest, missed)) =
+            self.inbox(account.id, self.cfg.catch_up_max, None, Some(last), &mut needs)
+        else {
+            return Step::Need(needs);
+        };
         let token = self.new_token();
-        let mut s = Session::new(user.clone(), token.session_id(), Some(reply.to), now, self.cfg.push_rto());
-        // Catch-up: what arrived while no session of this user acknowledged it.
-        let acc = self.users.get_mut(&user).expect("checked");
-        let missed: Vec<_> =
-            acc.inbox.iter().filter(|m| m.message.id > acc.last_delivered).cloned().collect();
-        let catching_up = missed.len().min(self.cfg.catch_up_max as usize);
-        for m in &missed[missed.len() - catching_up..] {
-            s.queue.push_back(m.clone());
+        let mut s = Session::new(
+            user.clone(),
+            account.id,
+            token.session_id(),
+            Some(reply.to),
+            now,
+            self.cfg.push_rto(),
+        );
+        s.queue.extend(newest.into_iter().filter(|m| m.message.id > last));
+        let catching_up = s.queue.len() as u32;
+        if remember {
+            self.update_account(&user, |a| a.known = account.known.clone());
+            self.write(Write::KnownAddresses { user: user.clone(), known: account.known.clone() });
         }
-        acc.sessions.push(token);
+        self.live.entry(user.clone()).or_default().push(token);
         self.sessions.insert(token, s);
         self.stats.sessions_opened += 1;
         self.write(Write::OpenSession { token, user: user.clone() });
         self.hold(Held::Activate(token));
         self.schedule(token, now);
         if self.event(now) {
-            info!("{user} logged in from {} ({} missed)", reply.to, missed.len());
+            info!("{user} logged in from {} ({missed} missed)", reply.to);
         }
-        Ok(Response::LoggedIn { token, missed: missed.len() as u32, catching_up: catching_up as u32, epoch })
+        Step::Answer(Ok(Response::LoggedIn { token, missed, catching_up, epoch: self.epoch }))
     }
 
-    /// Removes an account from memory; `store_it` unless the store already has (an admin
-    /// command deleted it).
+    /// Ends an account in memory; `store_it` unless the store already has (an admin command
+    /// deleted it).
     pub(super) fn delete_account(&mut self, user: &str, store_it: bool) {
-        let Some(acc) = self.users.remove(user) else { return };
-        for m in &acc.inbox {
-            if m.leave_inbox() {
-                self.write(Write::DropMessage { id: m.message.id });
-            }
+        for t in self.live.get(user).cloned().unwrap_or_default() {
+            self.close_session(t, false);
         }
-        for t in &acc.sessions {
-            self.close_session(*t, false);
-        }
-        for f in &acc.following {
-            if let Some(other) = self.users.get_mut(f) {
-                other.followers.remove(user);
-            }
-        }
-        for f in &acc.followers {
-            if let Some(other) = self.users.get_mut(f) {
-                other.following.remove(user);
-            }
-        }
+        self.delivered.remove(user);
+        // It may be in any follower list.
+        self.cache.remove_kind("followers");
+        self.reads.changed_all();
+        self.account_changed(user);
         if store_it {
+            self.accounts = self.accounts.saturating_sub(1);
             self.write(Write::DeleteAccount { user: user.to_string() });
         }
         info!("deleted account {user}");
     }
 
-    fn subscribe(&mut self, user: &str, target: String) -> Result<Response, ErrorCode> {
+    fn subscribe(&mut self, user: &str, user_id: u64, target: &str) -> Step {
         if target == user {
-            return Err(ErrorCode::CannotSubscribeToSelf);
+            return Step::Answer(Err(ErrorCode::CannotSubscribeToSelf));
         }
-        if !proto::valid_name(&target, proto::MAX_NAME_LEN) || !self.users.contains_key(&target) {
-            return Err(ErrorCode::NoSuchUser { user: target });
+        if !proto::valid_name(target, proto::MAX_NAME_LEN) {
+            return Step::Answer(Err(ErrorCode::NoSuchUser { user: target.to_string() }));
+        }
+        let mut needs = Vec::new();
+        let exists = self.account(target, &mut needs);
+        let follows = self.follows(user, target, &mut needs);
+        let (Some(exists), Some((follows, following))) = (exists, follows) else { return Step::Need(needs) };
+        if exists.is_none() {
+            return Step::Answer(Err(ErrorCode::NoSuchUser { user: target.to_string() }));
+        }
+        if follows {
+            return Step::Answer(Err(ErrorCode::AlreadySubscribed { user: target.to_string() }));
         }
         let max = self.cfg.max_subscriptions;
-        let acc = self.users.get_mut(user).ok_or(ErrorCode::NotLoggedIn)?;
-        if acc.following.contains(&target) {
-            return Err(ErrorCode::AlreadySubscribed { user: target });
+        if following >= max {
+            return Step::Answer(Err(ErrorCode::TooManySubscriptions { max }));
         }
-        if acc.following.len() >= max as usize {
-            return Err(ErrorCode::TooManySubscriptions { max });
-        }
-        acc.following.insert(target.clone());
-        self.users.get_mut(&target).expect("checked").followers.insert(user.to_string());
-        self.write(Write::Subscribe { follower: user.to_string(), followed: target });
-        Ok(Response::Subscribed)
+        self.relation_changed(user, user_id, target, true);
+        self.write(Write::Subscribe { follower: user.to_string(), followed: target.to_string() });
+        Step::Answer(Ok(Response::Subscribed))
     }
 
-    fn unsubscribe(&mut self, user: &str, target: String) -> Result<Response, ErrorCode> {
-        if !self.users.contains_key(&target) {
-            return Err(ErrorCode::NoSuchUser { user: target });
+    fn unsubscribe(&mut self, user: &str, user_id: u64, target: &str) -> Step {
+        if !proto::valid_name(target, proto::MAX_NAME_LEN) {
+            return Step::Answer(Err(ErrorCode::NoSuchUser { user: target.to_string() }));
         }
-        let acc = self.users.get_mut(user).ok_or(ErrorCode::NotLoggedIn)?;
-        if !acc.following.remove(&target) {
-            return Err(ErrorCode::NotSubscribed { user: target });
+        let mut needs = Vec::new();
+        let exists = self.account(target, &mut needs);
+        let follows = self.follows(user, target, &mut needs);
+        let (Some(exists), Some((follows, _))) = (exists, follows) else { return Step::Need(needs) };
+        if exists.is_none() {
+            return Step::Answer(Err(ErrorCode::NoSuchUser { user: target.to_string() }));
         }
-        self.users.get_mut(&target).expect("checked").followers.remove(user);
-        self.write(Write::Unsubscribe { follower: user.to_string(), followed: target });
-        Ok(Response::Unsubscribed)
+        if !follows {
+            return Step::Answer(Err(ErrorCode::NotSubscribed { user: target.to_string() }));
+        }
+        self.relation_changed(user, user_id, target, false);
+        self.write(Write::Unsubscribe { follower: user.to_string(), followed: target.to_string() });
+        Step::Answer(Ok(Response::Unsubscribed))
     }
 
     /// A post (to the author's subscribers) or, with `to`, a direct message. The author pays
@@ -439,77 +542,90 @@ impl Server {
     /// goes through and makes the next one wait), and a direct message to someone who does not
     /// follow the author takes one from the recipient's allowance of such messages, so nobody
     /// can fill a stranger's inbox.
-    fn post(
-        &mut self,
-        now: Instant,
-        user: &str,
-        to: Option<String>,
-        text: String,
-    ) -> Result<Response, ErrorCode> {
+    fn post(&mut self, now: Instant, user: &str, to: Option<&String>, text: &str) -> Step {
         if text.is_empty() {
-            return Err(ErrorCode::EmptyText);
+            return Step::Answer(Err(ErrorCode::EmptyText));
         }
         if text.len() > self.cfg.max_text_bytes as usize {
-            return Err(ErrorCode::TextTooLong { max: self.cfg.max_text_bytes });
+            return Step::Answer(Err(ErrorCode::TextTooLong { max: self.cfg.max_text_bytes }));
         }
-        if let Some(c) = proto::forbidden_char(&text) {
-            return Err(ErrorCode::InvalidText { code_point: c as u32 });
+        if let Some(c) = proto::forbidden_char(text) {
+            return Step::Answer(Err(ErrorCode::InvalidText { code_point: c as u32 }));
         }
-        let recipients: Vec<String> = match &to {
-            Some(r) if proto::valid_name(r, proto::MAX_NAME_LEN) && self.users.contains_key(r) => {
-                vec![r.clone()]
+        let mut needs = Vec::new();
+        // (name, account id) of each recipient, and whether a DM goes to a stranger.
+        let (recipients, stranger): (Arc<Vec<(String, u64)>>, bool) = match to {
+            Some(r) if !proto::valid_name(r, proto::MAX_NAME_LEN) => {
+                return Step::Answer(Err(ErrorCode::NoSuchUser { user: r.clone() }))
             }
-            Some(r) => return Err(ErrorCode::NoSuchUser { user: r.clone() }),
-            None => self.users.get(user).map(|a| a.followers.iter().cloned().collect()).unwrap_or_default(),
+            Some(r) => {
+                let account = self.account(r, &mut needs);
+                let follows = self.follows(r, user, &mut needs);
+                let (Some(account), Some((follows, _))) = (account, follows) else {
+                    return Step::Need(needs);
+                };
+                let Some(account) = account else {
+                    return Step::Answer(Err(ErrorCode::NoSuchUser { user: r.clone() }));
+                };
+                (Arc::new(vec![(r.clone(), account.id)]), !follows)
+            }
+            None => match self.followers(user, &mut needs) {
+                Some(f) => (f, false),
+                None => return Step::Need(needs),
+            },
         };
-        let (dm_burst, dm_refill) =
-            (self.cfg.dms_from_strangers_burst, Duration::from_secs(self.cfg.dms_from_strangers_refill_secs));
-        let stranger = to.as_ref().filter(|r| !self.users[*r].following.contains(user));
-        if let Some(r) = stranger {
-            if let Some(wait) = self.users[r].stranger_dms.blocked(now, dm_burst, dm_refill) {
+        if stranger {
+            let r = &recipients[0].0;
+            if let Some(wait) = self.stranger_dms.blocked(now, r) {
                 self.stats.deliveries_throttled += 1;
-                return Err(rate_limited(wait));
+                return Step::Answer(Err(rate_limited(wait)));
             }
         }
-        let per_sec = self.cfg.deliveries_per_user_per_sec;
-        let (burst, refill) = (per_sec.saturating_mul(10), Duration::from_secs(1) / per_sec);
-        let acc = self.users.get_mut(user).ok_or(ErrorCode::NotLoggedIn)?;
-        if let Err(wait) = acc.deliveries.charge(now, burst, refill, recipients.len().max(1) as f64) {
+        if let Err(wait) = self.deliveries.charge(now, &user.to_string(), recipients.len().max(1) as f64) {
             self.stats.deliveries_throttled += 1;
-            return Err(rate_limited(wait));
+            return Step::Answer(Err(rate_limited(wait)));
         }
-        if let Some(r) = stranger {
-            let _ = self.users.get_mut(r).expect("checked").stranger_dms.take(now, dm_burst, dm_refill);
+        if stranger {
+            let _ = self.stranger_dms.take(now, &recipients[0].0);
         }
+        self.next_sweep.get_or_insert(now + super::SWEEP);
         let id = self.next_message_id;
         self.next_message_id += 1;
-        let message = Message { id, time: self.unix_ms(now), author: user.to_string(), to: to.clone(), text };
+        let message = Message {
+            id,
+            time: self.unix_ms(now),
+            author: user.to_string(),
+            to: to.cloned(),
+            text: text.to_string(),
+        };
         let msg = Arc::new(EncodedMessage::new(message.clone()));
-        for r in &recipients {
-            self.deliver_to_inbox(r, &msg);
-        }
-        self.write(Write::StoreMessage { message, recipients: recipients.clone() });
+        let ids: Vec<u64> = recipients.iter().map(|(_, id)| *id).collect();
+        self.delivered_to(&msg, &ids);
+        self.write(Write::StoreMessage { message, recipients: ids });
         let n = recipients.len() as u32;
         self.hold(Held::Fanout(msg, recipients));
-        Ok(match to {
+        Step::Answer(Ok(match to {
             Some(_) => Response::Sent { id },
             None => Response::Posted { id, recipients: n },
-        })
+        }))
     }
 
     /// One page of the `count` newest inbox messages below `before`, oldest first.
-    fn retrieve(&mut self, user: &str, count: u32, before: Option<u64>) -> Result<Response, ErrorCode> {
+    fn retrieve(&mut self, user_id: u64, count: u32, before: Option<u64>) -> Step {
         let max = self.cfg.max_retrieve;
         if count == 0 || count > max {
-            return Err(ErrorCode::CountOutOfRange { min: 1, max });
+            return Step::Answer(Err(ErrorCode::CountOutOfRange { min: 1, max }));
         }
-        let acc = self.users.get(user).ok_or(ErrorCode::NotLoggedIn)?;
+        let mut needs = Vec::new();
+        let Some((inbox, _)) = self.inbox(user_id, count.min(RETRIEVE_PAGE), before, None, &mut needs) else {
+            return Step::Need(needs);
+        };
         let mut page: Vec<&Arc<EncodedMessage>> = Vec::new();
         let mut used = 0;
         // Set when the datagram is full before the count is reached: the client asks again
         // with `before` = the oldest id of this page.
         let mut more = false;
-        for m in acc.inbox.iter().rev().filter(|m| before.is_none_or(|b| m.message.id < b)) {
+        for m in inbox.iter().rev() {
             if page.len() == count as usize {
                 break;
             }
@@ -521,70 +637,68 @@ impl Server {
             page.push(m);
         }
         let messages = page.into_iter().rev().map(|m| m.message.clone()).collect();
-        Ok(Response::Messages { messages, more })
+        Step::Answer(Ok(Response::Messages { messages, more }))
     }
 
-    fn list_users(&mut self, pattern: String, after: Option<String>) -> Result<Response, ErrorCode> {
-        if !proto::valid_pattern(&pattern) {
-            return Err(ErrorCode::InvalidPattern { max_len: proto::MAX_PATTERN_LEN as u32 });
+    fn list_users(&mut self, pattern: &str, after: Option<&str>) -> Step {
+        if !proto::valid_pattern(pattern) {
+            return Step::Answer(Err(ErrorCode::InvalidPattern { max_len: proto::MAX_PATTERN_LEN as u32 }));
         }
-        // Bound the work per request: scan at most this many names, then hand out a cursor.
-        const SCAN: usize = 4096;
-        let start = after.as_deref().unwrap_or("");
+        // Bound the work per request: scan at most SCAN names, then hand out a cursor.
+        let mut needs = Vec::new();
+        let Some(scanned) = self.names(after.unwrap_or(""), SCAN, &mut needs) else {
+            return Step::Need(needs);
+        };
         let mut names = Vec::new();
         let mut used = 0;
         let mut next = None;
         let mut last: Option<&String> = None;
-        for (i, name) in self
-            .users
-            .range::<str, _>((std::ops::Bound::Excluded(start), std::ops::Bound::Unbounded))
-            .map(|(n, _)| n)
-            .enumerate()
-        {
-            if i == SCAN || !Self::page_fits(used, name.len() + 1) {
+        for name in &scanned {
+            if !Self::page_fits(used, name.len() + 1) {
                 next = last.cloned();
                 break;
             }
             last = Some(name);
-            if proto::wildcard_match(&pattern, name) {
+            if proto::wildcard_match(pattern, name) {
                 used += name.len() + 1;
                 names.push(name.clone());
             }
         }
-        Ok(Response::Users { names, next })
+        if next.is_none() && scanned.len() == SCAN as usize {
+            next = scanned.last().cloned();
+        }
+        Step::Answer(Ok(Response::Users { names, next }))
     }
 
     /// One page of whom `user` follows and who follows them, in name order after `after`: a
-    /// merge of the two sorted sets from the cursor on, so a page costs what it holds, however
+    /// merge of two indexed reads from the cursor on, so a page costs what it holds, however
     /// many followers there are.
-    fn relations(&mut self, user: &str, after: Option<String>) -> Result<Response, ErrorCode> {
-        let acc = self.users.get(user).ok_or(ErrorCode::NotLoggedIn)?;
-        let start = after.unwrap_or_default();
-        let from = (Bound::Excluded(start.as_str()), Bound::Unbounded);
-        let mut following = acc.following.range::<str, _>(from).peekable();
-        let mut followers = acc.followers.range::<str, _>(from).peekable();
-        let mut entries = Vec::new();
+    fn relations(&mut self, user: &str, after: Option<&str>) -> Step {
+        let mut needs = Vec::new();
+        let Some(page) = self.relations_page(user, after.unwrap_or(""), RELATIONS_PAGE, &mut needs) else {
+            return Step::Need(needs);
+        };
+        let mut entries: Vec<Relation> = Vec::new();
         let mut used = 0;
         let mut next = None;
-        loop {
-            let name = match (following.peek(), followers.peek()) {
-                (None, None) => break,
-                (Some(a), None) => *a,
-                (None, Some(b)) => *b,
-                (Some(a), Some(b)) => (*a).min(*b),
-            };
-            if !Self::page_fits(used, name.len() + 3) {
-                next = entries.last().map(|r: &Relation| r.user.clone());
+        for r in &page {
+            if !Self::page_fits(used, r.user.len() + 3) {
+                next = entries.last().map(|r| r.user.clone());
                 break;
             }
-            used += name.len() + 3;
-            let following = following.next_if(|n| *n == name).is_some();
-            let follower = followers.next_if(|n| *n == name).is_some();
-            entries.push(Relation { user: name.clone(), following, follower });
+            used += r.user.len() + 3;
+            entries.push(r.clone());
         }
-        Ok(Response::Relations { entries, next })
+        if next.is_none() && page.len() == RELATIONS_PAGE as usize {
+            next = entries.last().map(|r| r.user.clone());
+        }
+        Step::Answer(Ok(Response::Relations { entries, next }))
     }
 }
+
+/// Reads in flight beyond which logins need a cookie (strangers may not make the store read at
+/// will).
+const READS_UNDER_LOAD: usize = 256;
 
 /// "Too many attempts, retry in N s", N rounded up.
 fn rate_limited(wait: Duration) -> ErrorCode {

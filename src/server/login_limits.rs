@@ -89,6 +89,32 @@ impl LoginLimits {
         self.by_account.refill = secs(cfg.login_failures_per_account_refill_secs);
     }
 
+    /// Whether an attempt on `name` from `ip` is stopped before anything is read for it: by the
+    /// address's and the account-and-address allowances, or by load (the per-account brake
+    /// needs the account's known addresses, so [`LoginLimits::admit`] decides that). Takes
+    /// nothing.
+    pub fn check(
+        &self,
+        now: Instant,
+        name: &str,
+        ip: IpAddr,
+        proven: bool,
+        under_load: bool,
+    ) -> Option<Verdict> {
+        if under_load && !proven {
+            return Some(Verdict::Retry);
+        }
+        let prefix = Prefix::of(ip);
+        let wait = [
+            self.by_addr.blocked(now, &(prefix, proven)),
+            self.by_account_addr.blocked(now, &(name.to_string(), prefix, proven)),
+        ]
+        .into_iter()
+        .flatten()
+        .max()?;
+        Some(if proven { Verdict::Wait(wait) } else { Verdict::Retry })
+    }
+
     /// Decides on an attempt on `name` from `ip`. `proven`: it carried a valid cookie;
     /// `known`: that address logged in to this account before; `under_load`: the password
     /// workers have more than they can start at once.
@@ -145,6 +171,51 @@ impl LoginLimits {
     /// Buckets held, all kinds.
     pub fn len(&self) -> usize {
         self.by_addr.len() + self.by_account_addr.len() + self.by_account.len()
+    }
+}
+
+/// Whether `prefix` is among the known addresses encoded in `known` (see [`remember`]).
+pub fn known(known: &[u8], prefix: Prefix) -> bool {
+    decode(known).contains(&prefix)
+}
+
+/// `known` with `prefix` first (the newest), at most [`KNOWN_ADDRESSES`] kept, encoded for the
+/// account's record: each a tag (4 or 6) and the prefix's 4 or 8 bytes.
+pub fn remember(known: &[u8], prefix: Prefix) -> Vec<u8> {
+    let mut list = decode(known);
+    list.retain(|p| *p != prefix);
+    list.insert(0, prefix);
+    list.truncate(KNOWN_ADDRESSES);
+    let mut out = Vec::new();
+    for p in list {
+        match p {
+            Prefix::V4(b) => {
+                out.push(4);
+                out.extend_from_slice(&b);
+            }
+            Prefix::V6(b) => {
+                out.push(6);
+                out.extend_from_slice(&b);
+            }
+        }
+    }
+    out
+}
+
+fn decode(mut bytes: &[u8]) -> Vec<Prefix> {
+    let mut out = Vec::new();
+    loop {
+        match bytes {
+            [4, a, b, c, d, rest @ ..] => {
+                out.push(Prefix::V4([*a, *b, *c, *d]));
+                bytes = rest;
+            }
+            [6, rest @ ..] if rest.len() >= 8 => {
+                out.push(Prefix::V6(rest[..8].try_into().expect("8 bytes")));
+                bytes = &rest[8..];
+            }
+            _ => return out,
+        }
     }
 }
 
@@ -217,6 +288,20 @@ mod tests {
         }
         assert_eq!(seen[0], seen[1]);
         assert_eq!(seen[0].iter().filter(|ok| **ok).count(), 5);
+    }
+
+    #[test]
+    fn known_addresses_are_kept_newest_first_and_bounded() {
+        let mut k = Vec::new();
+        for i in 0..10u8 {
+            k = remember(&k, Prefix::of(ip(&format!("192.0.2.{i}"))));
+        }
+        k = remember(&k, Prefix::of(ip("2001:db8::1")));
+        assert!(known(&k, Prefix::of(ip("2001:db8::ffff"))), "the same /64");
+        assert!(known(&k, Prefix::of(ip("192.0.2.9"))));
+        assert!(!known(&k, Prefix::of(ip("192.0.2.0"))), "the oldest went");
+        assert_eq!(decode(&k).len(), KNOWN_ADDRESSES);
+        assert!(decode(&[4, 1, 2]).is_empty(), "a damaged list reads as empty");
     }
 
     #[test]

@@ -12,7 +12,11 @@
 //! 3. Commit: [`Server::take_writes`] returns the turn's writes as one batch; store it durably,
 //!    then report with [`Server::on_committed`]. Replies and pushes that depend on a batch are
 //!    held until then (group commit: one transaction per turn, however many requests).
-//! 4. Drain output: [`Server::poll_transmit`] until `None`, then sleep until
+//! 4. Read: [`Server::poll_read`] until `None`, each read run by the store *after* the batches
+//!    taken before it (one store thread serving jobs in order does that), answered with
+//!    [`Server::on_read`]. A request that needs data the core does not hold waits for its reads
+//!    ([`reads`]); the core holds only sessions and a bounded [`cache`].
+//! 5. Drain output: [`Server::poll_transmit`] until `None`, then sleep until
 //!    [`Server::poll_timeout`].
 //!
 //! `now` must never go backwards between calls. Randomness (tokens, challenges, cookie
@@ -27,44 +31,33 @@
 //! password hash or creates an account happens without a cookie when it matters
 //! ([`cookie`], [`login_limits`]).
 
+mod cache;
 mod commands;
 mod cookie;
 mod login_limits;
 mod path;
+mod reads;
 mod reply_cache;
 mod session;
 mod throttle;
 
+pub use cache::CacheStats;
+pub use reads::ReadJob;
+
 use crate::config::ServerConfig;
 use crate::password::{HashParams, PasswordJob, PasswordOutcome};
 use crate::proto::{self, ClientMsg, DecodeError, EncodedMessage, ErrorCode, Response, ServerMsg, Token};
-use crate::store::{Snapshot, Write};
+use crate::store::{AccountRecord, Startup, StoredSession, Write};
 use log::{debug, error, info, trace, warn};
 use login_limits::{Charged, LoginLimits};
 use reply_cache::{Entry, Key, ReplyCache};
 use session::{Seen, Session};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use throttle::{Bucket, Prefix, Throttle};
-
-impl Account {
-    fn new(password_hash: String, now: Instant) -> Account {
-        Account {
-            password_hash,
-            known: Vec::new(),
-            deliveries: Bucket::full(u32::MAX, now),
-            stranger_dms: Bucket::full(u32::MAX, now),
-            following: BTreeSet::new(),
-            followers: BTreeSet::new(),
-            inbox: VecDeque::new(),
-            sessions: Vec::new(),
-            last_delivered: 0,
-        }
-    }
-}
 
 /// A datagram to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,39 +104,35 @@ pub struct Stats {
     /// Posts and direct messages refused for the author's delivery budget or the recipient's
     /// allowance of messages from users they do not follow.
     pub deliveries_throttled: u64,
+    /// Reads issued to the store, by kind (`account`, `followers`, `inbox`, ...), and reads
+    /// that failed.
+    pub reads_by_kind: BTreeMap<&'static str, u64>,
+    pub read_failures: u64,
     /// Requests by kind (`post`, `login`, ...).
     pub requests_by_kind: BTreeMap<&'static str, u64>,
     /// Error answers by code (`NoSuchUser`, ...).
     pub errors_by_code: BTreeMap<&'static str, u64>,
 }
 
-/// An account in memory.
-#[derive(Debug)]
-struct Account {
-    password_hash: String,
-    /// Address prefixes that logged in to it, newest first: the per-account brake on password
-    /// guessing does not apply to them ([`login_limits`]).
-    known: Vec<Prefix>,
-    /// Deliveries this user's posts and messages may still cause (config
-    /// `deliveries_per_user_per_sec`): the author pays for the fan-out.
-    deliveries: Bucket,
-    /// Direct messages this user still accepts from users they do not follow (config
-    /// `dms_from_strangers_*`).
-    stranger_dms: Bucket,
-    following: BTreeSet<String>,
-    followers: BTreeSet<String>,
-    /// Oldest first, at most `max_inbox`.
-    inbox: VecDeque<Arc<EncodedMessage>>,
-    sessions: Vec<Token>,
-    last_delivered: u64,
-}
-
 /// What a password job was for.
 #[derive(Debug)]
 enum Auth {
-    Register { user: String, reply: ReplyTo },
-    Login { user: String, reply: ReplyTo, hash: String, charged: Charged },
-    Delete { user: String, reply: ReplyTo, token: Token },
+    Register {
+        user: String,
+        reply: ReplyTo,
+    },
+    /// `account`: `None` for a name no account has (checked against a dummy hash).
+    Login {
+        user: String,
+        reply: ReplyTo,
+        account: Option<Arc<AccountRecord>>,
+        charged: Charged,
+    },
+    Delete {
+        user: String,
+        reply: ReplyTo,
+        token: Token,
+    },
 }
 
 /// Where and how a reply goes.
@@ -171,7 +160,7 @@ enum Slot {
 
 /// A read-only request kept while its reply waits for a commit, to run it again if that fails.
 #[derive(Debug)]
-struct Rerun {
+pub(crate) struct Rerun {
     from: SocketAddr,
     len: usize,
     request: proto::Request,
@@ -186,8 +175,8 @@ enum Held {
     Reply(ReplyTo, Transmit, Option<Box<Rerun>>),
     /// Start pushing to a session whose creation was in the batch.
     Activate(Token),
-    /// Forward a stored message to the recipients' sessions.
-    Fanout(Arc<EncodedMessage>, Vec<String>),
+    /// Forward a stored message to the recipients' sessions: (name, account id) of each.
+    Fanout(Arc<EncodedMessage>, Arc<Vec<(String, u64)>>),
 }
 
 /// The daemon core. See the module documentation for the driving contract.
@@ -195,10 +184,17 @@ pub struct Server {
     cfg: ServerConfig,
     hash_params: HashParams,
     rng: Box<dyn rand::Rng + Send>,
-    users: BTreeMap<String, Account>,
+    /// Accounts the store holds (with this core's writes not yet committed).
+    accounts: u64,
     /// Names with a registration in progress (hashing).
     reserved: HashSet<String>,
     sessions: HashMap<Token, Session>,
+    /// The live sessions of each user.
+    live: HashMap<String, Vec<Token>>,
+    /// What the core keeps of the store's data.
+    cache: cache::Cache,
+    /// Requests waiting for reads.
+    reads: reads::Reads,
     /// Recently expired or revoked tokens, to tell their holders to log in again.
     expired: HashSet<Token>,
     expired_order: VecDeque<Token>,
@@ -225,6 +221,8 @@ pub struct Server {
     committed_batch: u64,
     /// A batch handed out by `take_writes` and not yet reported.
     in_flight_batch: Option<u64>,
+    /// The highest batch handed out (0: none): reads issued after it may go to the store.
+    taken_batch: u64,
     /// Sessions closed by a batch not yet committed, kept whole to put back if it fails.
     closing: Vec<(u64, Token, Session)>,
     stats: Stats,
@@ -232,6 +230,11 @@ pub struct Server {
     dummy_hash: String,
     limits: LoginLimits,
     register_by_addr: Throttle<Prefix>,
+    /// Deliveries each author may still cause (config `deliveries_per_user_per_sec`).
+    deliveries: Throttle<String>,
+    /// Direct messages each user still accepts from users they do not follow (config
+    /// `dms_from_strangers_*`).
+    stranger_dms: Throttle<String>,
     cookies: cookie::Cookies,
     /// Wall-clock anchor: `now` at `wall_ms` milliseconds since the Unix epoch.
     wall: (Instant, u64),
@@ -299,29 +302,32 @@ impl Server {
     pub fn new(
         cfg: ServerConfig,
         hash_params: HashParams,
-        snapshot: Snapshot,
+        start: Startup,
         rng: Box<dyn rand::Rng + Send>,
         now: Instant,
     ) -> Self {
-        let users = accounts_from(snapshot.accounts, snapshot.subscriptions, now);
         let register_by_addr = Throttle::new(
             cfg.registrations_per_address_burst,
             Duration::from_secs(cfg.registrations_per_address_refill_secs),
             THROTTLE_KEYS,
         );
+        let (deliveries, stranger_dms) = user_throttles(&cfg);
         let mut server = Server {
             replies: ReplyCache::new(cfg.reply_cache_ttl(), cfg.reply_cache_max_unauthenticated as usize),
             limits: LoginLimits::new(&cfg),
+            cache: cache::Cache::new(cfg.cache_bytes as usize),
             cfg,
             hash_params,
             rng,
-            users,
+            accounts: start.accounts,
             reserved: HashSet::new(),
             sessions: HashMap::new(),
+            live: HashMap::new(),
+            reads: reads::Reads::default(),
             expired: HashSet::new(),
             expired_order: VecDeque::new(),
-            next_message_id: snapshot.next_message_id.max(1),
-            epoch: snapshot.epoch,
+            next_message_id: start.next_message_id.max(1),
+            epoch: start.epoch,
             timers: BinaryHeap::new(),
             jobs: VecDeque::new(),
             auth: BTreeMap::new(),
@@ -334,41 +340,60 @@ impl Server {
             open_batch: 1,
             committed_batch: 0,
             in_flight_batch: None,
+            taken_batch: 0,
             closing: Vec::new(),
             stats: Stats::default(),
             // Computed once here (a few ms at startup) rather than on the event loop later.
             dummy_hash: crate::password::hash("no such user", hash_params).unwrap_or_default(),
             register_by_addr,
+            deliveries,
+            stranger_dms,
             cookies: cookie::Cookies::new(),
             wall: (now, 0),
             next_sweep: None,
             stranger_log: LogBudget::new(LOG_PER_SEC, now),
             event_log: LogBudget::new(EVENT_LOG_PER_SEC, now),
         };
-        for s in snapshot.sessions {
-            server.restore_session(now, s.token, s.user, Duration::from_secs(s.age_secs));
-        }
-        for (token, id, reply) in snapshot.last_replies {
-            if let Some(s) = server.sessions.get_mut(&token) {
-                s.dedup.restore(id, reply);
-            }
+        for s in start.sessions {
+            server.restore_session(now, s);
         }
         server
     }
 
-    /// Brings back a stored session. Its push address is learned from the client's next
-    /// datagram; what it may not have received is queued for it, as on login.
-    fn restore_session(&mut self, now: Instant, token: Token, user: String, age: Duration) {
-        let Some(acc) = self.users.get_mut(&user) else { return };
-        acc.sessions.push(token);
-        let mut s = Session::new(user, token.session_id(), None, now, self.cfg.push_rto());
+    /// Brings back a stored session. Its push address is learned (and validated) from the
+    /// client's next datagram; what it may not have received is read and queued for it, as on
+    /// login.
+    fn restore_session(&mut self, now: Instant, stored: StoredSession) {
+        let token = stored.token;
+        let mut s = Session::new(
+            stored.user.clone(),
+            stored.user_id,
+            token.session_id(),
+            None,
+            now,
+            self.cfg.push_rto(),
+        );
         s.live = true;
-        s.age_at_start = age;
-        let missed = acc.inbox.iter().filter(|m| m.message.id > acc.last_delivered);
-        let skip = missed.clone().count().saturating_sub(self.cfg.catch_up_max as usize);
-        s.queue.extend(missed.skip(skip).cloned());
+        s.age_at_start = Duration::from_secs(stored.age_secs);
+        if let Some((id, reply)) = stored.last_reply {
+            s.dedup.restore(id, reply);
+        }
+        self.live.entry(stored.user).or_default().push(token);
         self.sessions.insert(token, s);
         self.schedule(token, now);
+        let job =
+            reads::Job::Restore { token, user_id: stored.user_id, last_delivered: stored.last_delivered };
+        self.run(now, job);
+    }
+
+    /// The cache's figures (hits, misses, size), for metrics.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.snapshot_stats()
+    }
+
+    /// Requests waiting for reads, and reads issued and not yet answered.
+    pub fn reads_waiting(&self) -> (usize, usize) {
+        (self.reads.parked(), self.reads.in_flight())
     }
 
     pub fn stats(&self) -> &Stats {
@@ -419,6 +444,10 @@ impl Server {
     /// need a restart (`listen`, `data_dir`, `storage`) are the shell's to keep.
     pub fn set_config(&mut self, cfg: ServerConfig) {
         self.limits.set_config(&cfg);
+        self.cache.set_budget(cfg.cache_bytes as usize);
+        let (deliveries, stranger_dms) = user_throttles(&cfg);
+        (self.deliveries.burst, self.deliveries.refill) = (deliveries.burst, deliveries.refill);
+        (self.stranger_dms.burst, self.stranger_dms.refill) = (stranger_dms.burst, stranger_dms.refill);
         self.register_by_addr.burst = cfg.registrations_per_address_burst;
         self.register_by_addr.refill = Duration::from_secs(cfg.registrations_per_address_refill_secs);
         self.hash_params = HashParams {
@@ -497,14 +526,16 @@ impl Server {
             }
         }
         let Some(through) = through else { return };
-        // The user's name is copied only when delivery advances, not for every ack.
-        if let Some(acc) = self.users.get_mut(&s.user) {
-            if through > acc.last_delivered {
-                acc.last_delivered = through;
-                let e = self.delivered.entry(s.user.clone()).or_insert(0);
-                *e = (*e).max(through);
-                self.delivered_due.get_or_insert(now + DELIVERED_FLUSH);
+        // Coalesced per user, written at most once per DELIVERED_FLUSH.
+        if through > s.delivered {
+            s.delivered = through;
+            match self.delivered.get_mut(&s.user) {
+                Some(e) => *e = (*e).max(through),
+                None => {
+                    self.delivered.insert(s.user.clone(), through);
+                }
             }
+            self.delivered_due.get_or_insert(now + DELIVERED_FLUSH);
         }
         self.pump(now, token);
     }
@@ -767,17 +798,7 @@ impl Server {
             }
             _ => reply,
         };
-        let writes_before = self.writes.len();
-        // If a session's reply will wait for a commit, keep the request: should the commit fail
-        // and the request turn out to have only read, it runs again on the restored state.
-        // (Requests without a session never wait unless they wrote: they cannot have seen
-        // anything uncommitted, and a stranger's datagram must not cost a copy.)
-        let copy = (session.is_some() && self.gate().is_some()).then(|| req.clone());
-        if let Some(result) = self.execute(now, reply, session, req.token, req.body) {
-            let wrote = self.writes.len() > writes_before;
-            let rerun = copy.filter(|_| !wrote).map(|request| Box::new(Rerun { from, len, request }));
-            self.reply_and_persist(now, reply, result, wrote, rerun);
-        }
+        self.run(now, reads::Job::Request { from, len, reply, session, token: req.token, body: req.body });
     }
 
     /// Reports a finished password job.
@@ -787,9 +808,10 @@ impl Server {
             return;
         };
         let before = self.writes.len();
-        let (reply, result) = self.finish_auth(now, auth, outcome);
-        let wrote = self.writes.len() > before;
-        self.reply_and_persist(now, reply, result, wrote, None);
+        if let Some((reply, result)) = self.finish_auth(now, auth, outcome) {
+            let wrote = self.writes.len() > before;
+            self.reply_and_persist(now, reply, result, wrote, None);
+        }
     }
 
     /// Handles timers: push retransmission, session expiry, cache expiry.
@@ -854,7 +876,9 @@ impl Server {
     /// repeats nothing at the next login's catch-up).
     pub fn flush_delivered(&mut self) {
         self.delivered_due = None;
-        for (user, up_to) in self.delivered.drain() {
+        for (user, up_to) in std::mem::take(&mut self.delivered) {
+            // What the next login's catch-up starts from, cached or not.
+            self.update_account(&user, |a| a.last_delivered = a.last_delivered.max(up_to));
             self.writes.push(Write::Delivered { user, up_to });
         }
     }
@@ -871,6 +895,7 @@ impl Server {
         let n = self.open_batch;
         self.open_batch += 1;
         self.in_flight_batch = Some(n);
+        self.taken_batch = n;
         Some((n, std::mem::take(&mut self.writes)))
     }
 
@@ -921,7 +946,7 @@ impl Server {
     /// after it) changed is undone; the requests that waited for it are answered "storage
     /// unavailable, retry" and forgotten by the de-duplication, so the client's retry runs them
     /// again. Sessions keep their push windows; reads go on.
-    pub fn on_commit_failed(&mut self, now: Instant, n: u64, durable: Snapshot) {
+    pub fn on_commit_failed(&mut self, now: Instant, n: u64, durable: Startup) {
         debug_assert_eq!(self.in_flight_batch, Some(n));
         self.in_flight_batch = None;
         self.stats.commit_failures += 1;
@@ -949,30 +974,30 @@ impl Server {
             }
             // Activations and fan-outs of the failed batch never happen.
         }
-        self.users = accounts_from(durable.accounts, durable.subscriptions, now);
+        // What the core had written through to its cache did not happen either.
+        self.cache.clear();
+        self.reads.changed_all();
+        self.accounts = durable.accounts;
         self.next_message_id = self.next_message_id.max(durable.next_message_id);
-        let ages: HashMap<Token, u64> = durable.sessions.iter().map(|s| (s.token, s.age_secs)).collect();
-        let stored: HashMap<Token, String> =
-            durable.sessions.into_iter().map(|s| (s.token, s.user)).collect();
+        let stored: HashMap<Token, StoredSession> =
+            durable.sessions.into_iter().map(|s| (s.token, s)).collect();
         // Sessions the failed batch closed come back exactly as they were (push numbering,
         // windows, de-duplication); those it opened go.
         for (_, token, s) in std::mem::take(&mut self.closing) {
-            if stored.get(&token) == Some(&s.user) {
+            if stored.get(&token).is_some_and(|st| st.user == s.user) {
                 self.expired.remove(&token);
                 self.sessions.insert(token, s);
                 self.schedule(token, now);
             }
         }
-        self.sessions.retain(|t, s| stored.get(t) == Some(&s.user));
+        self.sessions.retain(|t, s| stored.get(t).is_some_and(|st| st.user == s.user));
+        self.live.clear();
         for (token, s) in &self.sessions {
-            if let Some(acc) = self.users.get_mut(&s.user) {
-                acc.sessions.push(*token);
-            }
+            self.live.entry(s.user.clone()).or_default().push(*token);
         }
-        for (token, user) in stored {
+        for (token, st) in stored {
             if !self.sessions.contains_key(&token) {
-                let age = Duration::from_secs(ages.get(&token).copied().unwrap_or(0));
-                self.restore_session(now, token, user, age);
+                self.restore_session(now, st);
             }
         }
         warn!(
@@ -984,62 +1009,39 @@ impl Server {
         }
     }
 
-    /// Takes in account changes made by an admin command (`udpmsgd user ...`) while the daemon
-    /// runs: new accounts appear, deleted ones go (with their sessions), and a changed password
-    /// revokes every session of that user. `durable` is the store's state, reloaded by the shell
-    /// while no batch was in flight; accounts that writes not yet taken by
-    /// [`Server::take_writes`] create, delete or change are left as they are here (the store
-    /// has not seen those writes yet).
-    pub fn sync_accounts(&mut self, now: Instant, durable: Snapshot) {
-        debug_assert!(self.in_flight_batch.is_none(), "the snapshot may miss the batch in flight");
-        let pending: HashSet<String> = self
-            .writes
-            .iter()
-            .filter_map(|w| match w {
-                Write::CreateAccount { user, .. }
-                | Write::DeleteAccount { user }
-                | Write::SetPassword { user, .. } => Some(user.clone()),
-                _ => None,
-            })
-            .collect();
-        for user in &durable.recreated {
-            if self.users.contains_key(user) && !pending.contains(user) && !self.reserved.contains(user) {
-                // Not a password change: a new account under the old name. Nothing of the old one
-                // (inbox, relations, sessions) may carry over; the loop below adds the new one.
-                info!("account {user} was deleted and added again by an admin");
-                self.delete_account(user, false);
-            }
-        }
-        let mut stored = accounts_from(durable.accounts, durable.subscriptions, now);
-        stored.retain(|user, _| !pending.contains(user));
-        let gone: Vec<String> = self
-            .users
-            .keys()
-            .filter(|u| !stored.contains_key(*u) && !pending.contains(*u))
-            .cloned()
-            .collect();
-        for user in gone {
-            if !self.reserved.contains(&user) {
-                info!("account {user} was deleted by an admin");
-                self.delete_account(&user, false);
-            }
-        }
-        for (user, acc) in stored {
-            match self.users.get_mut(&user) {
-                None => {
-                    info!("account {user} was added by an admin");
-                    self.users.insert(user, acc);
+    /// Takes in changes made by an admin command (`udpmsgd user ...`) while the daemon runs: a
+    /// deleted account or a changed password ends the sessions it had (the store deleted them),
+    /// and nothing cached is trusted any more. `durable` is the store's state, read by the shell
+    /// while no batch was in flight; sessions that writes not yet taken by
+    /// [`Server::take_writes`] open are left alone (the store has not seen them yet).
+    pub fn sync_sessions(&mut self, now: Instant, durable: Startup) {
+        debug_assert!(self.in_flight_batch.is_none(), "the state may miss the batch in flight");
+        let mut opening = HashSet::new();
+        let mut delta: i64 = 0;
+        for w in &self.writes {
+            match w {
+                Write::OpenSession { token, .. } => {
+                    opening.insert(*token);
                 }
-                Some(mine) if mine.password_hash != acc.password_hash => {
-                    info!("password of {user} was changed by an admin; its sessions are revoked");
-                    mine.password_hash = acc.password_hash;
-                    for token in mine.sessions.clone() {
-                        self.close_session(token, true);
-                    }
-                }
-                Some(_) => {}
+                Write::CreateAccount { .. } => delta += 1,
+                Write::DeleteAccount { .. } => delta -= 1,
+                _ => {}
             }
         }
+        let stored: HashSet<Token> = durable.sessions.iter().map(|s| s.token).collect();
+        let gone: Vec<Token> =
+            self.sessions.keys().filter(|t| !stored.contains(*t) && !opening.contains(*t)).copied().collect();
+        for token in gone {
+            if let Some(user) = self.sessions.get(&token).map(|s| s.user.clone()) {
+                if self.event(now) {
+                    info!("session of {user} was ended by an admin (account deleted or password changed)");
+                }
+            }
+            self.close_session(token, true);
+        }
+        self.accounts = (durable.accounts as i64 + delta).max(0) as u64;
+        self.cache.clear();
+        self.reads.changed_all();
     }
 
     /// Makes a request's id new again, so that its retransmission executes.
@@ -1256,24 +1258,17 @@ impl Server {
 
     /// Queues a committed message for every live session of every recipient; the sessions are
     /// added to `touched` for the caller to pump.
-    fn fanout(&mut self, msg: &Arc<EncodedMessage>, recipients: &[String], touched: &mut Vec<Token>) {
+    fn fanout(&mut self, msg: &Arc<EncodedMessage>, recipients: &[(String, u64)], touched: &mut Vec<Token>) {
         let max_queue = self.cfg.push_queue as usize;
-        for user in recipients {
-            // Borrowed out for the loop instead of cloned per recipient: pumping never changes
-            // which sessions a user has.
-            let Some(tokens) = self.users.get_mut(user).map(|a| std::mem::take(&mut a.sessions)) else {
-                continue;
-            };
-            for &token in &tokens {
-                if let Some(s) = self.sessions.get_mut(&token) {
+        for (user, _) in recipients {
+            let Some(tokens) = self.live.get(user) else { continue };
+            for token in tokens {
+                if let Some(s) = self.sessions.get_mut(token) {
                     if s.enqueue(msg.clone(), max_queue) {
                         self.stats.pushes_dropped += 1;
                     }
-                    touched.push(token);
+                    touched.push(*token);
                 }
-            }
-            if let Some(acc) = self.users.get_mut(user) {
-                acc.sessions = tokens;
             }
         }
     }
@@ -1281,8 +1276,11 @@ impl Server {
     /// Ends a session. `expired` says whether its holder should hear "session expired".
     fn close_session(&mut self, token: Token, expired: bool) {
         let Some(s) = self.sessions.remove(&token) else { return };
-        if let Some(acc) = self.users.get_mut(&s.user) {
-            acc.sessions.retain(|t| *t != token);
+        if let Some(tokens) = self.live.get_mut(&s.user) {
+            tokens.retain(|t| *t != token);
+            if tokens.is_empty() {
+                self.live.remove(&s.user);
+            }
         }
         self.write(Write::CloseSession { token });
         // Kept until the close is durable: a failed commit puts it back as it was.
@@ -1299,22 +1297,6 @@ impl Server {
         }
     }
 
-    /// Appends to an inbox, dropping the oldest beyond the cap (and its stored copy once no
-    /// inbox holds it).
-    fn deliver_to_inbox(&mut self, user: &str, msg: &Arc<EncodedMessage>) {
-        let cap = self.cfg.max_inbox as usize;
-        if let Some(acc) = self.users.get_mut(user) {
-            msg.enter_inbox();
-            acc.inbox.push_back(msg.clone());
-            while acc.inbox.len() > cap {
-                let old = acc.inbox.pop_front().expect("over the cap");
-                if old.leave_inbox() {
-                    self.writes.push(Write::DropMessage { id: old.message.id });
-                }
-            }
-        }
-    }
-
     /// Why a request without a usable session is refused.
     fn no_session_error(&self, token: Option<Token>) -> ErrorCode {
         match token {
@@ -1325,11 +1307,6 @@ impl Server {
 
     fn page_fits(used: usize, next: usize) -> bool {
         used + next + PAGE_OVERHEAD <= proto::MAX_DATAGRAM
-    }
-
-    #[cfg(test)]
-    pub(crate) fn inbox_ids(&self, user: &str) -> Vec<u64> {
-        self.users.get(user).map(|a| a.inbox.iter().map(|m| m.message.id).collect()).unwrap_or_default()
     }
 }
 
@@ -1356,32 +1333,16 @@ fn show_addr(a: Option<SocketAddr>) -> String {
     a.map_or_else(|| "nowhere (restarted)".into(), |a| a.to_string())
 }
 
-/// Builds the in-memory accounts from stored ones; messages shared by several inboxes are
-/// shared in memory too.
-fn accounts_from(
-    accounts: Vec<crate::store::AccountRecord>,
-    subscriptions: Vec<(String, String)>,
-    now: Instant,
-) -> BTreeMap<String, Account> {
-    let mut users: BTreeMap<String, Account> = BTreeMap::new();
-    let mut shared: HashMap<u64, Arc<EncodedMessage>> = HashMap::new();
-    for a in accounts {
-        let inbox = a
-            .inbox
-            .into_iter()
-            .map(|m| shared.entry(m.id).or_insert_with(|| Arc::new(EncodedMessage::new(m))).clone())
-            .collect();
-        let mut acc = Account::new(a.password_hash, now);
-        acc.inbox = inbox;
-        acc.inbox.iter().for_each(|m| m.enter_inbox());
-        acc.last_delivered = a.last_delivered;
-        users.insert(a.user, acc);
-    }
-    for (follower, followed) in subscriptions {
-        if users.contains_key(&follower) && users.contains_key(&followed) {
-            users.get_mut(&follower).expect("checked").following.insert(followed.clone());
-            users.get_mut(&followed).expect("checked").followers.insert(follower);
-        }
-    }
-    users
+/// The per-user throttles of posting: deliveries per author, and direct messages a user accepts
+/// from users they do not follow.
+fn user_throttles(cfg: &ServerConfig) -> (Throttle<String>, Throttle<String>) {
+    let per_sec = cfg.deliveries_per_user_per_sec.max(1);
+    (
+        Throttle::new(per_sec.saturating_mul(10), Duration::from_secs(1) / per_sec, THROTTLE_KEYS),
+        Throttle::new(
+            cfg.dms_from_strangers_burst,
+            Duration::from_secs(cfg.dms_from_strangers_refill_secs),
+            THROTTLE_KEYS,
+        ),
+    )
 }

@@ -130,6 +130,10 @@ impl Dedup {
 #[derive(Debug)]
 pub(crate) struct Session {
     pub user: String,
+    /// The account's id (its inbox in the store).
+    pub user_id: u64,
+    /// The newest message id delivered to this session without a gap (see [`Session::ack`]).
+    pub delivered: u64,
     /// [`proto::Token::session_id`], carried by every push.
     pub id: u64,
     /// Where pushes go; `None` after a restart until the client is heard from.
@@ -167,9 +171,18 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub fn new(user: String, id: u64, addr: Option<SocketAddr>, now: Instant, rto: RtoConfig) -> Self {
+    pub fn new(
+        user: String,
+        user_id: u64,
+        id: u64,
+        addr: Option<SocketAddr>,
+        now: Instant,
+        rto: RtoConfig,
+    ) -> Self {
         Session {
             user,
+            user_id,
+            delivered: 0,
             id,
             verified: false,
             acked_early: BTreeMap::new(),

@@ -1,22 +1,30 @@
-//! Storage behind a small trait.
+//! Storage behind a small trait: the store is the truth, the core a bounded cache of it.
 //!
-//! The server core keeps the working state in memory and describes every change as a [`Write`].
-//! The I/O shell hands each turn's writes to [`Store::commit`] as one batch (group commit) and
-//! only then releases the replies and pushes that depend on them (see
-//! [`crate::server::Server::take_writes`]). At startup [`Store::load`] returns the committed state
-//! as a [`Snapshot`].
+//! The server core keeps in memory only what live traffic needs (sessions, and bounded caches
+//! of accounts, follower lists and inbox heads). Everything else it asks for with a [`Read`],
+//! which the I/O shell runs off the event loop and hands back as a [`ReadResult`]. Every change
+//! is a [`Write`]; the shell hands each turn's writes to [`Store::commit`] as one batch (group
+//! commit) and only then releases the replies and pushes that depend on them (see
+//! [`crate::server::Server::take_writes`]). Reads and commits are served in the order the core
+//! issued them (one store thread, first in first out), so a read issued after a write sees it.
 //!
-//! Implementations: [`memory::MemoryStore`] (tests, experiments). A durable one plugs in here.
+//! At startup [`Store::load`] returns only what the core needs to begin ([`Startup`]): the
+//! sessions and a few counters, nothing that grows with accounts or messages.
+//!
+//! Implementations: [`sqlite::SqliteStore`] (durable, the default) and [`memory::MemoryStore`]
+//! (tests, experiments). Nothing here assumes SQLite: another database implements the same
+//! reads and batched writes.
 
 pub mod memory;
 pub mod sqlite;
 
-use crate::proto::{Message, Token};
+use crate::proto::{Message, Relation, Token};
 use std::fmt;
 
 /// One durable change. A batch is applied atomically, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
+    /// A new account; the store gives it an id never used before.
     CreateAccount {
         user: String,
         password_hash: String,
@@ -38,14 +46,11 @@ pub enum Write {
         follower: String,
         followed: String,
     },
-    /// A new message and the inboxes it lands in.
+    /// A new message and the inboxes (account ids) it lands in. A message nobody receives is not
+    /// stored (its id is used up all the same).
     StoreMessage {
         message: Message,
-        recipients: Vec<String>,
-    },
-    /// A message no inbox holds any more (the last one trimmed it or was deleted).
-    DropMessage {
-        id: u64,
+        recipients: Vec<u64>,
     },
     /// The reply to the newest request of a session that changed anything, so that its
     /// retransmission after a daemon restart is answered, not executed again.
@@ -61,6 +66,12 @@ pub enum Write {
         user: String,
         up_to: u64,
     },
+    /// Address prefixes that logged in to the account, newest first, encoded by the core (the
+    /// per-account brake on password guessing does not apply to them).
+    KnownAddresses {
+        user: String,
+        known: Vec<u8>,
+    },
     OpenSession {
         token: Token,
         user: String,
@@ -70,14 +81,61 @@ pub enum Write {
     },
 }
 
+/// What the core asks the store.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Read {
+    /// The account with this name, if any.
+    Account { name: String },
+    /// Who follows `name`, with their account ids (a post's recipients).
+    Followers { name: String },
+    /// Whether `follower` follows `followed`, and how many accounts `follower` follows.
+    Follows { follower: String, followed: String },
+    /// The inbox of account `id`, as it is limited to its newest `max_inbox` messages: the
+    /// newest `count` with an id below `before` (all if `None`), oldest first; and how many of
+    /// the inbox's messages have an id above `above` (0 if `None`).
+    Inbox { id: u64, count: u32, before: Option<u64>, above: Option<u64> },
+    /// Up to `limit` account names after `after`, in name order.
+    Names { after: String, limit: u32 },
+    /// Up to `limit` relations of `name` after the name `after`, in name order: whom it follows
+    /// and who follows it, merged.
+    Relations { name: String, after: String, limit: u32 },
+}
+
+impl Read {
+    /// Short name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Read::Account { .. } => "account",
+            Read::Followers { .. } => "followers",
+            Read::Follows { .. } => "follows",
+            Read::Inbox { .. } => "inbox",
+            Read::Names { .. } => "names",
+            Read::Relations { .. } => "relations",
+        }
+    }
+}
+
+/// The answer to a [`Read`] of the same kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadResult {
+    Account(Option<AccountRecord>),
+    Followers(Vec<(String, u64)>),
+    Follows { follows: bool, following: u32 },
+    Inbox { messages: Vec<Message>, above: u32 },
+    Names(Vec<String>),
+    Relations(Vec<Relation>),
+}
+
 /// An account as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccountRecord {
+    /// Never reused: a name registered again after a deletion gets a new id.
+    pub id: u64,
     pub user: String,
     pub password_hash: String,
     pub last_delivered: u64,
-    /// Oldest first.
-    pub inbox: Vec<Message>,
+    /// See [`Write::KnownAddresses`].
+    pub known: Vec<u8>,
 }
 
 /// A session as stored.
@@ -85,25 +143,24 @@ pub struct AccountRecord {
 pub struct StoredSession {
     pub token: Token,
     pub user: String,
+    /// The account's id and delivered mark, for the catch-up of a session brought back.
+    pub user_id: u64,
+    pub last_delivered: u64,
     /// Seconds since it was opened, by the store's clock (0 if the store cannot tell), so that
     /// `session_max_lifetime_secs` counts across restarts.
     pub age_secs: u64,
+    /// (request id, encoded reply) from [`Write::LastReply`].
+    pub last_reply: Option<(u64, Vec<u8>)>,
 }
 
-/// The whole committed state, as loaded at startup.
+/// What the core starts from: nothing that grows with accounts or messages.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Snapshot {
-    pub accounts: Vec<AccountRecord>,
-    /// (follower, followed)
-    pub subscriptions: Vec<(String, String)>,
+pub struct Startup {
     pub sessions: Vec<StoredSession>,
-    /// Names that belong to another account than at the store's previous load: deleted and
-    /// added again (by an admin command) in between. The new owner inherits nothing.
-    pub recreated: Vec<String>,
-    /// (session, request id, encoded reply) from [`Write::LastReply`].
-    pub last_replies: Vec<(Token, u64, Vec<u8>)>,
     /// One more than the highest message id ever stored (ids are never reused).
     pub next_message_id: u64,
+    /// Accounts held (for `max_accounts`).
+    pub accounts: u64,
     /// This run's number (see [`Store::begin_epoch`] and [`crate::proto::ServerMsg::Push`]).
     pub epoch: u32,
 }
@@ -122,13 +179,24 @@ impl std::error::Error for StoreError {}
 pub trait Store {
     /// Starts a daemon run: returns a number larger than any earlier run's, durably.
     fn begin_epoch(&mut self) -> Result<u32, StoreError>;
-    /// The committed state (with `epoch` as of the last `begin_epoch`). Only reads.
-    fn load(&mut self) -> Result<Snapshot, StoreError>;
+    /// What the core starts from (with `epoch` as of the last `begin_epoch`). Only reads.
+    fn load(&mut self) -> Result<Startup, StoreError>;
     /// Applies a batch atomically: after `Ok` all of it survives a crash, after `Err` none of it
     /// is visible.
     fn commit(&mut self, batch: &[Write]) -> Result<(), StoreError>;
+    /// Answers a read from the committed state (and what earlier commits of this store left).
+    fn read(&mut self, read: &Read) -> Result<ReadResult, StoreError>;
     /// Whether another process (an admin command) changed the store since the last call.
     fn changed_externally(&mut self) -> Result<bool, StoreError> {
         Ok(false)
+    }
+    /// Background upkeep for at most about `budget` (collecting messages no inbox holds,
+    /// trimming inboxes); returns whether work is left. Called when the store is otherwise idle.
+    fn maintain(&mut self, _budget: std::time::Duration) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    /// Writes what the store keeps in memory only for speed (at a clean stop).
+    fn flush(&mut self) -> Result<(), StoreError> {
+        Ok(())
     }
 }

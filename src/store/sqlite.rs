@@ -5,21 +5,39 @@
 //! - One daemon per directory: an exclusive lock on `udpmsgd.lock`, held while the store lives.
 //! - Schema versioned in `PRAGMA user_version` and migrated at open; a database from a newer
 //!   version is refused, naming both versions. A damaged file is refused, naming it, never
-//!   replaced by an empty one.
-//! - A message is one row however many inboxes it lands in: its recipients are a list of account
-//!   ids in the row (ids are never reused, so a name registered again after a deletion inherits
-//!   nothing). Inboxes are rebuilt at load, the newest `max_inbox` per account; the server writes
-//!   [`Write::DropMessage`] when no inbox holds a message any more, and whatever that missed
-//!   (an account deleted by an admin command while the daemon was down) goes at the next start.
+//!   replaced by an empty one. A new database is created at the current schema directly.
+//! - Reads touch indexes only: accounts by name, subscriptions by follower and by followed, and
+//!   each inbox by account.
 //!
-//! The SQL is plain (no SQLite-only types) so it carries over to PostgreSQL.
+//! # Messages and inboxes
+//!
+//! A message is one row however many inboxes it lands in; the row lists its recipients' account
+//! ids (ids are never reused, so a name registered again after a deletion inherits nothing).
+//! That row is the truth, written with the batch that posted it. Each inbox is also indexed by
+//! account, in *chunks*: rows `(account, last, total, ids)` holding up to [`CHUNK`] message ids
+//! delivered to one account. Writing one index row per recipient per post would dirty one page
+//! per recipient per commit (a post to 100 followers, 100 pages); instead the store gathers the
+//! ids delivered to each account in memory and writes them as one chunk once there are
+//! [`CHUNK`] of them or the oldest has waited [`FLUSH_AFTER`], in the same transaction as
+//! whatever batch is committing then. Reads merge the chunks with what is still gathered. The
+//! highest message id all of whose deliveries are in chunks is kept in `meta` (`indexed`);
+//! after a crash, the deliveries of the messages above it are gathered again from their rows at
+//! start (about a second's worth of messages).
+//!
+//! An inbox holds its newest `max_inbox` messages: reads never look further, and the oldest
+//! chunks beyond that are deleted when a new chunk is written. A message leaves the database when
+//! no inbox holds it any more: [`Store::maintain`] walks the messages in the background (when
+//! the store has nothing else to do) and deletes those every recipient's inbox has moved past.
+//!
+//! The SQL is plain (no SQLite-only types but `WITHOUT ROWID`) so it carries over to PostgreSQL.
 
-use super::{AccountRecord, Snapshot, Store, StoreError, StoredSession, Write};
-use crate::proto::{Message, Token};
-use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::HashMap;
+use super::{AccountRecord, Read, ReadResult, Startup, Store, StoreError, StoredSession, Write};
+use crate::proto::{Message, Relation, Token};
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// The schema this build writes. Version history:
 /// 1: accounts, subscriptions, messages, inbox, sessions, meta.
@@ -28,18 +46,18 @@ use std::path::{Path, PathBuf};
 ///    100 subscribers was 100 inbox rows, plus a trim of each inbox per batch). Sessions
 ///    remember when they were opened (Unix seconds), so their lifetime counts across restarts.
 /// 4: messages remember when they were posted (Unix milliseconds; 0 for older ones).
-///
-/// A new database is created at this version directly ([`SCHEMA_CURRENT`]); the migrations
-/// bring older ones here step by step.
-pub const SCHEMA_VERSION: i64 = 4;
+/// 5: the store is the truth: inboxes are indexed by account in chunks (the daemon no longer
+///    loads every inbox at start), accounts remember the address prefixes that logged in to
+///    them, and `meta` counts the accounts.
+pub const SCHEMA_VERSION: i64 = 5;
 
 pub const DB_FILE: &str = "udpmsg.db";
 pub const LOCK_FILE: &str = "udpmsgd.lock";
 
-const MIGRATE_V2: &str = "
-ALTER TABLE sessions ADD COLUMN last_request_id INTEGER;
-ALTER TABLE sessions ADD COLUMN last_reply BLOB;
-";
+/// Message ids per inbox chunk.
+pub const CHUNK: usize = 64;
+/// Delivered ids wait in memory at most this long before their chunk is written.
+pub const FLUSH_AFTER: Duration = Duration::from_secs(1);
 
 /// The whole schema at [`SCHEMA_VERSION`], for a new database.
 const SCHEMA_CURRENT: &str = "
@@ -47,7 +65,8 @@ CREATE TABLE accounts (
     name TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,
     last_delivered INTEGER NOT NULL DEFAULT 0,
-    id INTEGER
+    id INTEGER,
+    known BLOB NOT NULL DEFAULT x''
 );
 CREATE UNIQUE INDEX accounts_id ON accounts (id);
 CREATE TABLE subscriptions (
@@ -55,7 +74,7 @@ CREATE TABLE subscriptions (
     followed TEXT NOT NULL,
     PRIMARY KEY (follower, followed)
 );
-CREATE INDEX subscriptions_followed ON subscriptions (followed);
+CREATE INDEX subscriptions_by_followed ON subscriptions (followed, follower);
 CREATE TABLE messages (
     id INTEGER PRIMARY KEY,
     author TEXT NOT NULL,
@@ -64,6 +83,13 @@ CREATE TABLE messages (
     recipients BLOB NOT NULL DEFAULT x'',
     time INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE inbox (
+    account INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    total INTEGER NOT NULL,
+    ids BLOB NOT NULL,
+    PRIMARY KEY (account, last)
+) WITHOUT ROWID;
 CREATE TABLE sessions (
     token BLOB PRIMARY KEY,
     user_name TEXT NOT NULL,
@@ -75,9 +101,15 @@ CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
-INSERT INTO meta (key, value) VALUES ('next_account_id', 1);
+INSERT INTO meta (key, value) VALUES ('next_account_id', 1), ('accounts', 0), ('indexed', 0);
 ";
 
+const MIGRATE_V2: &str = "
+ALTER TABLE sessions ADD COLUMN last_request_id INTEGER;
+ALTER TABLE sessions ADD COLUMN last_reply BLOB;
+";
+
+/// The whole schema at [`SCHEMA_VERSION`], for a new database.
 const MIGRATE_V4: &str = "ALTER TABLE messages ADD COLUMN time INTEGER NOT NULL DEFAULT 0;";
 
 /// Schema 1, as the first versions created it (what the migrations start from; the tests make
@@ -125,11 +157,30 @@ pub struct SqliteStore {
     _lock: Option<File>,
     /// `PRAGMA data_version` as last seen: it changes when another connection commits.
     data_version: i64,
-    /// Account ids by name, as of the last load (looked up in the database when missing).
-    ids: HashMap<String, i64>,
-    /// The state read (and cleaned) by `begin_epoch`, handed out by the next `load`.
-    loaded: Option<Snapshot>,
+    /// Ids delivered to each account and not yet written as a chunk, oldest first.
+    gathered: HashMap<u64, Vec<u64>>,
+    /// Accounts in the order their gathered ids began: (first id, account, when). An entry
+    /// whose account's first gathered id is another is stale.
+    gather_order: VecDeque<(u64, u64, Instant)>,
+    /// The highest message id stored.
+    max_message_id: u64,
+    /// The highest message id all of whose deliveries are in chunks.
+    indexed: u64,
+    gc: Gc,
 }
+
+/// The background collection's position: messages up to `cursor` were looked at in this pass;
+/// `floors` caches, per account, the oldest message id its inbox holds (`None`: none).
+#[derive(Default)]
+struct Gc {
+    cursor: u64,
+    floors: HashMap<u64, Option<u64>>,
+}
+
+/// Accounts whose floors the collection remembers within one pass, at most.
+const GC_FLOORS: usize = 1 << 20;
+/// Messages the collection looks at per query.
+const GC_STEP: u32 = 256;
 
 /// Who opens the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,11 +232,16 @@ impl SqliteStore {
             max_inbox,
             _lock: lock,
             data_version: 0,
-            ids: HashMap::new(),
-            loaded: None,
+            gathered: HashMap::new(),
+            gather_order: VecDeque::new(),
+            max_message_id: 0,
+            indexed: 0,
+            gc: Gc::default(),
         };
         store.setup()?;
         store.data_version = store.read_data_version()?;
+        store.max_message_id = store.max_stored_id().map_err(|e| err(&store.path, "cannot read", e))?;
+        store.indexed = store.meta("indexed")? as u64;
         Ok(store)
     }
 
@@ -279,6 +335,9 @@ impl SqliteStore {
         if version < 4 {
             self.migrate(4, MIGRATE_V4)?;
         }
+        if version < 5 {
+            self.migrate_v5()?;
+        }
         // Later migrations go here, each in its own transaction; SCHEMA_CURRENT follows them.
         Ok(())
     }
@@ -334,6 +393,62 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Schema 5: inboxes indexed by account in chunks, built from the messages' recipient lists;
+    /// known address prefixes; the account count in `meta`.
+    fn migrate_v5(&mut self) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let max_inbox = self.max_inbox;
+        let e = |e: rusqlite::Error| err(&path, "cannot migrate to schema version 5", e);
+        let tx = self.conn.transaction().map_err(e)?;
+        tx.execute_batch(
+            "ALTER TABLE accounts ADD COLUMN known BLOB NOT NULL DEFAULT x'';
+             DROP INDEX IF EXISTS subscriptions_followed;
+             CREATE INDEX subscriptions_by_followed ON subscriptions (followed, follower);
+             CREATE TABLE inbox (
+                 account INTEGER NOT NULL,
+                 last INTEGER NOT NULL,
+                 total INTEGER NOT NULL,
+                 ids BLOB NOT NULL,
+                 PRIMARY KEY (account, last)
+             ) WITHOUT ROWID;
+             INSERT INTO meta (key, value) SELECT 'accounts', COUNT(*) FROM accounts WHERE true
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value;",
+        )
+        .map_err(e)?;
+        // Each account's inbox: the newest max_inbox of the messages that list it.
+        let mut inboxes: HashMap<u64, VecDeque<u64>> = HashMap::new();
+        let mut max_id = 0;
+        {
+            let mut rows = tx.prepare("SELECT id, recipients FROM messages ORDER BY id").map_err(e)?;
+            let mut rows = rows.query([]).map_err(e)?;
+            while let Some(r) = rows.next().map_err(e)? {
+                let id = r.get::<_, i64>(0).map_err(e)? as u64;
+                max_id = id;
+                for account in decode_ids(r.get_ref(1).map_err(e)?.as_blob().map_err(|x| e(x.into()))?) {
+                    let inbox = inboxes.entry(account).or_default();
+                    inbox.push_back(id);
+                    if inbox.len() > max_inbox {
+                        inbox.pop_front();
+                    }
+                }
+            }
+        }
+        for (account, ids) in inboxes {
+            let ids: Vec<u64> = ids.into();
+            write_chunks(&tx, account, &ids, max_inbox).map_err(e)?;
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('indexed', ?1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [max_id as i64],
+        )
+        .map_err(e)?;
+        tx.pragma_update(None, "user_version", 5).map_err(e)?;
+        tx.commit().map_err(e)?;
+        log::info!("{}: migrated to schema version 5", path.display());
+        Ok(())
+    }
+
     fn meta(&self, key: &str) -> Result<i64, StoreError> {
         self.conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -342,105 +457,418 @@ impl SqliteStore {
             .map_err(|e| err(&self.path, "cannot read", e))
     }
 
-    /// The committed state, the account ids by name, and the messages no inbox holds.
-    fn read_all(&self) -> rusqlite::Result<(Snapshot, HashMap<String, i64>, Vec<i64>)> {
-        let mut snap = Snapshot::default();
-        let mut ids = HashMap::new();
-        // Account id -> index in `snap.accounts`.
-        let mut by_id: HashMap<i64, usize> = HashMap::new();
-        let mut accounts = self
-            .conn
-            .prepare("SELECT name, password_hash, last_delivered, id FROM accounts ORDER BY name")?;
-        let mut rows = accounts.query([])?;
-        while let Some(r) = rows.next()? {
-            let user: String = r.get(0)?;
-            let id: i64 = r.get(3)?;
-            by_id.insert(id, snap.accounts.len());
-            ids.insert(user.clone(), id);
-            snap.accounts.push(AccountRecord {
-                user,
-                password_hash: r.get(1)?,
-                last_delivered: r.get::<_, i64>(2)? as u64,
-                inbox: Vec::new(),
-            });
-        }
-        // Newest first: each account takes messages until its inbox is full.
-        let mut unreferenced = Vec::new();
-        let mut messages = self
-            .conn
-            .prepare("SELECT id, author, recipient, text, recipients, time FROM messages ORDER BY id DESC")?;
-        let mut rows = messages.query([])?;
-        let mut max_id = 0;
-        while let Some(r) = rows.next()? {
-            let id: i64 = r.get(0)?;
-            max_id = max_id.max(id);
-            let mut msg: Option<Message> = None;
-            for rid in decode_ids(r.get_ref(4)?.as_blob()?) {
-                let Some(&idx) = by_id.get(&(rid as i64)) else { continue };
-                if snap.accounts[idx].inbox.len() >= self.max_inbox {
-                    continue;
-                }
-                if msg.is_none() {
-                    msg = Some(Message {
-                        id: id as u64,
-                        time: r.get::<_, i64>(5)? as u64,
-                        author: r.get(1)?,
-                        to: r.get(2)?,
-                        text: r.get(3)?,
-                    });
-                }
-                snap.accounts[idx].inbox.push(msg.clone().expect("just set"));
-            }
-            if msg.is_none() {
-                unreferenced.push(id);
-            }
-        }
-        for a in &mut snap.accounts {
-            a.inbox.reverse();
-        }
-        let mut subs = self.conn.prepare("SELECT follower, followed FROM subscriptions")?;
-        for s in subs.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))? {
-            snap.subscriptions.push(s?);
-        }
-        let mut sessions = self.conn.prepare(
-            "SELECT token, user_name, last_request_id, last_reply, \
-                 MAX(0, CAST(strftime('%s', 'now') AS INTEGER) - created) FROM sessions",
-        )?;
-        let rows = sessions.query_map([], |r| {
-            Ok((
-                r.get::<_, Vec<u8>>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<i64>>(2)?,
-                r.get::<_, Option<Vec<u8>>>(3)?,
-                r.get::<_, i64>(4)?,
-            ))
-        })?;
-        for s in rows {
-            let (t, user, last_id, last_reply, age) = s?;
-            if let Ok(bytes) = <[u8; 16]>::try_from(t.as_slice()) {
-                snap.sessions.push(StoredSession { token: Token(bytes), user, age_secs: age as u64 });
-                if let (Some(id), Some(reply)) = (last_id, last_reply) {
-                    snap.last_replies.push((Token(bytes), id as u64, reply));
-                }
-            }
-        }
-        snap.next_message_id =
-            (max_id as u64 + 1).max(self.meta("next_message_id").unwrap_or(0) as u64).max(1);
-        snap.epoch = self.meta("epoch").unwrap_or(0) as u32;
-        Ok((snap, ids, unreferenced))
+    fn max_stored_id(&self) -> rusqlite::Result<u64> {
+        let max: Option<i64> = self.conn.query_row("SELECT MAX(id) FROM messages", [], |r| r.get(0))?;
+        Ok(max.unwrap_or(0) as u64)
     }
 
-    /// Removes messages no inbox holds any more (run at startup).
-    fn delete_messages(&mut self, ids: &[i64]) -> rusqlite::Result<()> {
-        let tx = self.conn.transaction()?;
-        {
-            let mut del = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
-            for id in ids {
-                del.execute([id])?;
+    /// After a start: the deliveries of the messages above the `indexed` mark that are not in a
+    /// chunk yet (the daemon stopped before writing them) are gathered again.
+    fn regather(&mut self) -> rusqlite::Result<usize> {
+        let mut newest: HashMap<u64, u64> = HashMap::new();
+        let mut gathered = 0;
+        let mut rows = self.conn.prepare("SELECT id, recipients FROM messages WHERE id > ?1 ORDER BY id")?;
+        let mut last_chunk = self.conn.prepare("SELECT MAX(last) FROM inbox WHERE account = ?1")?;
+        let mut rows = rows.query([self.indexed as i64])?;
+        let now = Instant::now();
+        while let Some(r) = rows.next()? {
+            let id = r.get::<_, i64>(0)? as u64;
+            for account in decode_ids(r.get_ref(1)?.as_blob()?) {
+                let last = match newest.get(&account) {
+                    Some(l) => *l,
+                    None => {
+                        let l: Option<i64> = last_chunk.query_row([account as i64], |r| r.get(0))?;
+                        *newest.entry(account).or_insert(l.unwrap_or(0) as u64)
+                    }
+                };
+                if id > last {
+                    let ids = self.gathered.entry(account).or_default();
+                    if ids.is_empty() {
+                        self.gather_order.push_back((id, account, now));
+                    }
+                    ids.push(id);
+                    gathered += 1;
+                }
             }
         }
-        tx.commit()
+        Ok(gathered)
     }
+
+    /// The highest message id all of whose deliveries are in chunks, given the accounts whose
+    /// gathered ids are about to be written (`flushing`) and the messages up to `max_id`.
+    fn watermark(&self, flushing: &[u64], also: &HashMap<u64, Vec<u64>>, max_id: u64) -> u64 {
+        let mut low = u64::MAX;
+        for (first, account, _) in &self.gather_order {
+            if self.gathered.get(account).and_then(|ids| ids.first()) == Some(first)
+                && !flushing.contains(account)
+            {
+                low = low.min(*first);
+                break;
+            }
+        }
+        for (account, ids) in also {
+            if !flushing.contains(account) && !self.gathered.contains_key(account) {
+                if let Some(first) = ids.first() {
+                    low = low.min(*first);
+                }
+            }
+        }
+        if low == u64::MAX {
+            max_id
+        } else {
+            low - 1
+        }
+    }
+
+    /// Writes as chunks what is gathered for `accounts` (plus `also`, delivered in the batch
+    /// being committed), inside `tx`. Memory is changed by [`SqliteStore::gathered_written`]
+    /// once `tx` committed.
+    fn write_gathered(
+        &self,
+        tx: &Transaction<'_>,
+        accounts: &[u64],
+        also: &HashMap<u64, Vec<u64>>,
+    ) -> rusqlite::Result<()> {
+        let mut exists = tx.prepare_cached("SELECT 1 FROM accounts WHERE id = ?1")?;
+        for account in accounts {
+            if exists.query_row([*account as i64], |_| Ok(())).optional()?.is_none() {
+                continue; // deleted meanwhile: its inbox went with it
+            }
+            let mut ids = self.gathered.get(account).cloned().unwrap_or_default();
+            ids.extend(also.get(account).into_iter().flatten());
+            write_chunks(tx, *account, &ids, self.max_inbox)?;
+        }
+        Ok(())
+    }
+
+    /// `tx` with chunks for `flushed` committed: forget what they held; gather `delivered`.
+    fn gathered_written(&mut self, flushed: &[u64], delivered: HashMap<u64, Vec<u64>>, now: Instant) {
+        for account in flushed {
+            self.gathered.remove(account);
+        }
+        for (account, ids) in delivered {
+            if flushed.contains(&account) || ids.is_empty() {
+                continue;
+            }
+            let g = self.gathered.entry(account).or_default();
+            if g.is_empty() {
+                self.gather_order.push_back((ids[0], account, now));
+            }
+            g.extend(ids);
+        }
+        while let Some((first, account, _)) = self.gather_order.front() {
+            if self.gathered.get(account).and_then(|ids| ids.first()) == Some(first) {
+                break;
+            }
+            self.gather_order.pop_front();
+        }
+    }
+
+    /// Accounts whose gathered ids have waited [`FLUSH_AFTER`] by `now`.
+    fn due(&self, now: Instant) -> Vec<u64> {
+        let mut due = Vec::new();
+        for (first, account, since) in &self.gather_order {
+            if now.saturating_duration_since(*since) < FLUSH_AFTER {
+                break;
+            }
+            if self.gathered.get(account).and_then(|ids| ids.first()) == Some(first) {
+                due.push(*account);
+            }
+        }
+        due
+    }
+
+    /// Writes the chunks of `accounts` in a transaction of its own.
+    fn flush_accounts(&mut self, accounts: Vec<u64>) -> Result<(), StoreError> {
+        if accounts.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let e = |e: rusqlite::Error| err(&path, "cannot write the inbox index", e);
+        let none = HashMap::new();
+        let mark = self.watermark(&accounts, &none, self.max_message_id);
+        let tx = self.conn.unchecked_transaction().map_err(e)?;
+        self.write_gathered(&tx, &accounts, &none).map_err(e)?;
+        set_meta(&tx, "indexed", mark).map_err(e)?;
+        tx.commit().map_err(e)?;
+        self.indexed = mark;
+        self.gathered_written(&accounts, none, Instant::now());
+        Ok(())
+    }
+
+    /// The newest ids of account `id`'s inbox, newest first: what is gathered, then the chunks,
+    /// until `enough` says stop or `max_inbox` ids are collected.
+    fn inbox_ids(&self, id: u64, enough: impl Fn(&[u64]) -> bool) -> rusqlite::Result<Vec<u64>> {
+        let mut ids: Vec<u64> =
+            self.gathered.get(&id).map(|g| g.iter().rev().copied().collect()).unwrap_or_default();
+        let mut chunks =
+            self.conn.prepare_cached("SELECT ids FROM inbox WHERE account = ?1 ORDER BY last DESC")?;
+        let mut rows = chunks.query([id as i64])?;
+        while ids.len() < self.max_inbox && !enough(&ids) {
+            let Some(r) = rows.next()? else { break };
+            ids.extend(decode_ids(r.get_ref(0)?.as_blob()?).into_iter().rev());
+        }
+        ids.truncate(self.max_inbox);
+        Ok(ids)
+    }
+
+    fn message(&self, id: u64) -> rusqlite::Result<Option<Message>> {
+        self.conn
+            .prepare_cached("SELECT author, recipient, text, time FROM messages WHERE id = ?1")?
+            .query_row([id as i64], |r| {
+                Ok(Message {
+                    id,
+                    time: r.get::<_, i64>(3)? as u64,
+                    author: r.get(0)?,
+                    to: r.get(1)?,
+                    text: r.get(2)?,
+                })
+            })
+            .optional()
+    }
+
+    fn answer(&self, read: &Read) -> rusqlite::Result<ReadResult> {
+        Ok(match read {
+            Read::Account { name } => ReadResult::Account(
+                self.conn
+                    .prepare_cached(
+                        "SELECT id, password_hash, last_delivered, known FROM accounts WHERE name = ?1",
+                    )?
+                    .query_row([name], |r| {
+                        Ok(AccountRecord {
+                            id: r.get::<_, i64>(0)? as u64,
+                            user: name.clone(),
+                            password_hash: r.get(1)?,
+                            last_delivered: r.get::<_, i64>(2)? as u64,
+                            known: r.get(3)?,
+                        })
+                    })
+                    .optional()?,
+            ),
+            Read::Followers { name } => {
+                let mut q = self.conn.prepare_cached(
+                    "SELECT s.follower, a.id FROM subscriptions s JOIN accounts a ON a.name = s.follower \
+                     WHERE s.followed = ?1",
+                )?;
+                let rows =
+                    q.query_map([name], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+                ReadResult::Followers(rows.collect::<rusqlite::Result<_>>()?)
+            }
+            Read::Follows { follower, followed } => {
+                let follows = self
+                    .conn
+                    .prepare_cached("SELECT 1 FROM subscriptions WHERE follower = ?1 AND followed = ?2")?
+                    .query_row([follower, followed], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                let following: i64 = self
+                    .conn
+                    .prepare_cached("SELECT COUNT(*) FROM subscriptions WHERE follower = ?1")?
+                    .query_row([follower], |r| r.get(0))?;
+                ReadResult::Follows { follows, following: following as u32 }
+            }
+            Read::Inbox { id, count, before, above } => {
+                let (count, before) = (*count as usize, before.unwrap_or(u64::MAX));
+                let ids = self.inbox_ids(*id, |ids| {
+                    above.is_none() && ids.iter().filter(|i| **i < before).count() >= count
+                })?;
+                let newer = above.map_or(0, |a| ids.iter().filter(|i| **i > a).count() as u32);
+                let mut messages = Vec::new();
+                for i in ids.into_iter().filter(|i| *i < before).take(count) {
+                    if let Some(m) = self.message(i)? {
+                        messages.push(m);
+                    }
+                }
+                messages.reverse();
+                ReadResult::Inbox { messages, above: newer }
+            }
+            Read::Names { after, limit } => {
+                let mut q = self
+                    .conn
+                    .prepare_cached("SELECT name FROM accounts WHERE name > ?1 ORDER BY name LIMIT ?2")?;
+                let rows = q.query_map(params![after, *limit as i64], |r| r.get::<_, String>(0))?;
+                ReadResult::Names(rows.collect::<rusqlite::Result<_>>()?)
+            }
+            Read::Relations { name, after, limit } => {
+                let column = |sql: &str| -> rusqlite::Result<Vec<String>> {
+                    let mut q = self.conn.prepare_cached(sql)?;
+                    let rows = q.query_map(params![name, after, *limit as i64], |r| r.get::<_, String>(0))?;
+                    rows.collect()
+                };
+                let following = column(
+                    "SELECT followed FROM subscriptions WHERE follower = ?1 AND followed > ?2 \
+                     ORDER BY followed LIMIT ?3",
+                )?;
+                let followers = column(
+                    "SELECT follower FROM subscriptions WHERE followed = ?1 AND follower > ?2 \
+                     ORDER BY follower LIMIT ?3",
+                )?;
+                let (mut a, mut b) = (following.into_iter().peekable(), followers.into_iter().peekable());
+                let mut out = Vec::new();
+                while out.len() < *limit as usize {
+                    let next = match (a.peek(), b.peek()) {
+                        (None, None) => break,
+                        (Some(x), None) => x.clone(),
+                        (None, Some(y)) => y.clone(),
+                        (Some(x), Some(y)) => x.min(y).clone(),
+                    };
+                    let following = a.next_if(|n| *n == next).is_some();
+                    let follower = b.next_if(|n| *n == next).is_some();
+                    out.push(Relation { user: next, following, follower });
+                }
+                ReadResult::Relations(out)
+            }
+        })
+    }
+
+    /// The oldest message id `account`'s inbox holds, if any: its chunks and what is gathered
+    /// for it, as limited to the newest `max_inbox` (the chunks may hold a little more until
+    /// the next is written).
+    fn floor(&mut self, account: u64) -> rusqlite::Result<Option<u64>> {
+        if let Some(f) = self.gc.floors.get(&account) {
+            return Ok(*f);
+        }
+        let gathered = self.gathered.get(&account).cloned().unwrap_or_default();
+        let in_chunks: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT total FROM inbox WHERE account = ?1 ORDER BY last DESC LIMIT 1")?
+            .query_row([account as i64], |r| r.get(0))
+            .optional()?;
+        let total = in_chunks.unwrap_or(0) as usize + gathered.len();
+        let mut skip = total.saturating_sub(self.max_inbox);
+        let mut floor = None;
+        if in_chunks.is_some() {
+            let mut q = self.conn.prepare_cached("SELECT ids FROM inbox WHERE account = ?1 ORDER BY last")?;
+            let mut rows = q.query([account as i64])?;
+            while let Some(r) = rows.next()? {
+                let ids = decode_ids(r.get_ref(0)?.as_blob()?);
+                if skip < ids.len() {
+                    floor = Some(ids[skip]);
+                    break;
+                }
+                skip -= ids.len();
+            }
+        }
+        let floor = floor.or_else(|| gathered.get(skip).copied());
+        if self.gc.floors.len() >= GC_FLOORS {
+            self.gc.floors.clear();
+        }
+        self.gc.floors.insert(account, floor);
+        Ok(floor)
+    }
+
+    /// One step of the collection: looks at up to [`GC_STEP`] messages after the cursor and
+    /// deletes those no inbox holds. Returns whether the pass has more to look at.
+    fn collect_step(&mut self) -> rusqlite::Result<bool> {
+        let rows: Vec<(u64, Vec<u64>)> = {
+            let mut q = self.conn.prepare_cached(
+                "SELECT id, recipients FROM messages WHERE id > ?1 AND id <= ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = q.query_map(params![self.gc.cursor as i64, self.indexed as i64, GC_STEP], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, decode_ids(r.get_ref(1)?.as_blob()?)))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let Some(last) = rows.last().map(|r| r.0) else {
+            // A pass ends: the next one starts from the beginning, with fresh floors.
+            self.gc = Gc::default();
+            return Ok(false);
+        };
+        let mut garbage = Vec::new();
+        for (id, recipients) in rows {
+            let mut held = false;
+            for r in recipients {
+                if self.floor(r)?.is_some_and(|f| f <= id) {
+                    held = true;
+                    break;
+                }
+            }
+            if !held {
+                garbage.push(id);
+            }
+        }
+        if !garbage.is_empty() {
+            let tx = self.conn.unchecked_transaction()?;
+            {
+                let mut del = tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?;
+                for id in &garbage {
+                    del.execute([*id as i64])?;
+                }
+            }
+            tx.commit()?;
+        }
+        self.gc.cursor = last;
+        Ok(true)
+    }
+
+    /// Account names in name order (for `udpmsgd user list`), a page at a time.
+    pub fn names(&mut self, after: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        match self.read(&Read::Names { after: after.to_string(), limit })? {
+            ReadResult::Names(n) => Ok(n),
+            _ => unreachable!("a names read answers names"),
+        }
+    }
+}
+
+/// Writes `ids` (ascending, after what the account's chunks hold) as chunks of account
+/// `account`, then deletes its oldest chunks beyond `max_inbox` ids.
+fn write_chunks(tx: &Transaction<'_>, account: u64, ids: &[u64], max_inbox: usize) -> rusqlite::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let prev: Option<i64> = tx
+        .prepare_cached("SELECT total FROM inbox WHERE account = ?1 ORDER BY last DESC LIMIT 1")?
+        .query_row([account as i64], |r| r.get(0))
+        .optional()?;
+    let mut total = prev.unwrap_or(0) as usize;
+    let mut newest = 0;
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR REPLACE INTO inbox (account, last, total, ids) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for piece in ids.chunks(CHUNK) {
+            total += piece.len();
+            newest = *piece.last().expect("not empty");
+            insert.execute(params![account as i64, newest as i64, total as i64, encode_ids(piece)])?;
+        }
+    }
+    if total > max_inbox + CHUNK {
+        let oldest: Vec<(i64, usize)> = {
+            let mut q = tx.prepare_cached("SELECT last, ids FROM inbox WHERE account = ?1 ORDER BY last")?;
+            let rows = q.query_map([account as i64], |r| {
+                Ok((r.get(0)?, decode_ids(r.get_ref(1)?.as_blob()?).len()))
+            })?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        let mut del = tx.prepare_cached("DELETE FROM inbox WHERE account = ?1 AND last = ?2")?;
+        for (last, n) in oldest {
+            if total - n < max_inbox {
+                break;
+            }
+            del.execute(params![account as i64, last])?;
+            total -= n;
+        }
+        tx.prepare_cached("UPDATE inbox SET total = ?3 WHERE account = ?1 AND last = ?2")?
+            .execute(params![account as i64, newest as i64, total as i64])?;
+    }
+    Ok(())
+}
+
+fn set_meta(tx: &Transaction<'_>, key: &str, value: u64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value as i64])?;
+    Ok(())
+}
+
+fn add_meta(tx: &Transaction<'_>, key: &str, delta: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, MAX(0, ?2)) \
+         ON CONFLICT (key) DO UPDATE SET value = MAX(0, value + ?2)",
+    )?
+    .execute(params![key, delta])?;
+    Ok(())
 }
 
 /// Creates `dir` (and its parents) if missing; the directory itself mode 0700.
@@ -487,38 +915,30 @@ fn warn_if_readable(path: &Path) {
     }
 }
 
-/// A recipient list as stored: the account ids, postcard-encoded (varints).
+/// A list of ids as stored: postcard-encoded (varints).
 fn encode_ids(ids: &[u64]) -> Vec<u8> {
     postcard::to_stdvec(ids).expect("integers serialize")
 }
 
-/// The ids of a stored recipient list; a damaged list reads as empty (the message is then
-/// collected, not a reason to refuse the whole database).
+/// The ids of a stored list; a damaged list reads as empty (not a reason to refuse the whole
+/// database).
 fn decode_ids(bytes: &[u8]) -> Vec<u64> {
     postcard::from_bytes(bytes).unwrap_or_default()
 }
 
-/// A name's account id, from the cache or the database (an account an admin command added).
-fn account_id(
-    tx: &rusqlite::Transaction<'_>,
-    ids: &HashMap<String, i64>,
-    name: &str,
-) -> rusqlite::Result<Option<i64>> {
-    if let Some(id) = ids.get(name) {
-        return Ok(Some(*id));
-    }
-    tx.prepare_cached("SELECT id FROM accounts WHERE name = ?1")?.query_row([name], |r| r.get(0)).optional()
-}
+/// Message ids delivered to each account id, in order.
+type Delivered = HashMap<u64, Vec<u64>>;
 
-/// Applies one batch inside `tx`; `ids` follows the accounts created and deleted (the caller
-/// reloads it if the batch fails).
-fn apply(
-    tx: &rusqlite::Transaction<'_>,
-    ids: &mut HashMap<String, i64>,
-    batch: &[Write],
-) -> rusqlite::Result<()> {
+/// Applies one batch inside `tx`; returns what it delivered and the ids of the accounts deleted.
+fn apply(tx: &Transaction<'_>, batch: &[Write]) -> rusqlite::Result<(Delivered, Vec<u64>)> {
+    let mut delivered: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut deleted = Vec::new();
     let mut next_message_id = None;
-    let mut recipient_ids: Vec<u64> = Vec::new();
+    let id_of = |name: &str| -> rusqlite::Result<Option<i64>> {
+        tx.prepare_cached("SELECT id FROM accounts WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
+            .optional()
+    };
     for w in batch {
         match w {
             Write::CreateAccount { user, password_hash } => {
@@ -540,9 +960,14 @@ fn apply(
                     "INSERT INTO accounts (name, password_hash, last_delivered, id) VALUES (?1, ?2, 0, ?3)",
                 )?
                 .execute(params![user, password_hash, id])?;
-                ids.insert(user.clone(), id);
+                add_meta(tx, "accounts", 1)?;
             }
             Write::DeleteAccount { user } => {
+                if let Some(id) = id_of(user)? {
+                    tx.prepare_cached("DELETE FROM inbox WHERE account = ?1")?.execute([id])?;
+                    deleted.push(id as u64);
+                    add_meta(tx, "accounts", -1)?;
+                }
                 for sql in [
                     "DELETE FROM accounts WHERE name = ?1",
                     "DELETE FROM subscriptions WHERE follower = ?1 OR followed = ?1",
@@ -550,7 +975,6 @@ fn apply(
                 ] {
                     tx.prepare_cached(sql)?.execute([user])?;
                 }
-                ids.remove(user);
             }
             Write::SetPassword { user, password_hash } => {
                 tx.prepare_cached("UPDATE accounts SET password_hash = ?2 WHERE name = ?1")?
@@ -569,14 +993,8 @@ fn apply(
             }
             Write::StoreMessage { message, recipients } => {
                 next_message_id = Some(message.id + 1);
-                recipient_ids.clear();
-                for r in recipients {
-                    if let Some(id) = account_id(tx, ids, r)? {
-                        recipient_ids.push(id as u64);
-                    }
-                }
                 // A message nobody receives only uses up its id.
-                if recipient_ids.is_empty() {
+                if recipients.is_empty() {
                     continue;
                 }
                 tx.prepare_cached(
@@ -588,18 +1006,22 @@ fn apply(
                     message.author,
                     message.to,
                     message.text,
-                    encode_ids(&recipient_ids),
+                    encode_ids(recipients),
                     message.time as i64
                 ])?;
-            }
-            Write::DropMessage { id } => {
-                tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?.execute([*id as i64])?;
+                for r in recipients {
+                    delivered.entry(*r).or_default().push(message.id);
+                }
             }
             Write::Delivered { user, up_to } => {
                 tx.prepare_cached(
                     "UPDATE accounts SET last_delivered = MAX(last_delivered, ?2) WHERE name = ?1",
                 )?
                 .execute(params![user, *up_to as i64])?;
+            }
+            Write::KnownAddresses { user, known } => {
+                tx.prepare_cached("UPDATE accounts SET known = ?2 WHERE name = ?1")?
+                    .execute(params![user, known])?;
             }
             Write::OpenSession { token, user } => {
                 tx.prepare_cached(
@@ -627,7 +1049,7 @@ fn apply(
         )?
         .execute([next as i64])?;
     }
-    Ok(())
+    Ok((delivered, deleted))
 }
 
 impl Store for SqliteStore {
@@ -640,33 +1062,59 @@ impl Store for SqliteStore {
                 [epoch],
             )
             .map_err(|e| err(&self.path, "cannot write", e))?;
-        // Read everything once at the start: the messages no inbox holds go now, and the next
-        // `load` gets what was read.
-        let (mut snap, ids, unreferenced) = self.read_all().map_err(|e| err(&self.path, "cannot read", e))?;
-        snap.epoch = epoch as u32;
-        self.ids = ids;
-        self.loaded = Some(snap);
-        if !unreferenced.is_empty() {
-            match self.delete_messages(&unreferenced) {
-                Ok(()) => log::info!("removed {} messages no inbox holds", unreferenced.len()),
-                Err(e) => log::warn!("{}: cannot remove unreferenced messages: {e}", self.path.display()),
-            }
+        let n = self.regather().map_err(|e| err(&self.path, "cannot read the messages to index", e))?;
+        if n > 0 {
+            log::info!("gathered {n} deliveries the last run did not index");
         }
         Ok(epoch as u32)
     }
 
-    fn load(&mut self) -> Result<Snapshot, StoreError> {
-        if let Some(snap) = self.loaded.take() {
-            return Ok(snap);
+    fn load(&mut self) -> Result<Startup, StoreError> {
+        let e = |e: rusqlite::Error| err(&self.path, "cannot read", e);
+        let mut sessions = Vec::new();
+        {
+            let mut q = self
+                .conn
+                .prepare(
+                    "SELECT s.token, s.user_name, s.last_request_id, s.last_reply, \
+                         MAX(0, CAST(strftime('%s', 'now') AS INTEGER) - s.created), a.id, a.last_delivered \
+                     FROM sessions s JOIN accounts a ON a.name = s.user_name",
+                )
+                .map_err(e)?;
+            let rows = q
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, Vec<u8>>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<Vec<u8>>>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                        r.get::<_, i64>(6)?,
+                    ))
+                })
+                .map_err(e)?;
+            for row in rows {
+                let (t, user, last_id, last_reply, age, user_id, last_delivered) = row.map_err(e)?;
+                let Ok(bytes) = <[u8; 16]>::try_from(t.as_slice()) else { continue };
+                sessions.push(StoredSession {
+                    token: Token(bytes),
+                    user,
+                    user_id: user_id as u64,
+                    last_delivered: last_delivered as u64,
+                    age_secs: age as u64,
+                    last_reply: last_id.zip(last_reply).map(|(id, r)| (id as u64, r)),
+                });
+            }
         }
-        let (mut snap, ids, _) = self.read_all().map_err(|e| err(&self.path, "cannot read", e))?;
-        snap.recreated = ids
-            .iter()
-            .filter(|(name, id)| self.ids.get(*name).is_some_and(|old| old != *id))
-            .map(|(name, _)| name.clone())
-            .collect();
-        self.ids = ids;
-        Ok(snap)
+        let next_message_id =
+            (self.max_stored_id().map_err(e)? + 1).max(self.meta("next_message_id")? as u64).max(1);
+        Ok(Startup {
+            sessions,
+            next_message_id,
+            accounts: self.meta("accounts")? as u64,
+            epoch: self.meta("epoch")? as u32,
+        })
     }
 
     fn changed_externally(&mut self) -> Result<bool, StoreError> {
@@ -677,22 +1125,69 @@ impl Store for SqliteStore {
     }
 
     fn commit(&mut self, batch: &[Write]) -> Result<(), StoreError> {
-        self.loaded = None;
-        let tx = self.conn.transaction().map_err(|e| err(&self.path, "cannot begin a transaction", e))?;
-        let result = match apply(&tx, &mut self.ids, batch) {
-            Ok(()) => tx.commit().map_err(|e| err(&self.path, "commit failed", e)),
+        let path = self.path.clone();
+        let now = Instant::now();
+        let tx =
+            self.conn.unchecked_transaction().map_err(|e| err(&path, "cannot begin a transaction", e))?;
+        let result = (|| {
+            let (delivered, deleted) = apply(&tx, batch)?;
+            // Chunks are written for accounts with a chunk's worth gathered, and for those whose
+            // oldest gathered id has waited long enough.
+            let mut flush: Vec<u64> = delivered
+                .iter()
+                .filter(|(a, ids)| self.gathered.get(*a).map_or(0, Vec::len) + ids.len() >= CHUNK)
+                .map(|(a, _)| *a)
+                .collect();
+            flush.extend(self.due(now).into_iter().filter(|a| !delivered.contains_key(a)));
+            flush.retain(|a| !deleted.contains(a));
+            let max_id = delivered.values().flatten().max().copied().unwrap_or(0).max(self.max_message_id);
+            let mut pending = delivered.clone();
+            pending.retain(|a, _| !deleted.contains(a));
+            self.write_gathered(&tx, &flush, &pending)?;
+            let mark = self.watermark(&flush, &pending, max_id);
+            if mark != self.indexed {
+                set_meta(&tx, "indexed", mark)?;
+            }
+            Ok::<_, rusqlite::Error>((pending, deleted, flush, max_id, mark))
+        })();
+        match result {
+            Ok((pending, deleted, flush, max_id, mark)) => {
+                tx.commit().map_err(|e| err(&path, "commit failed", e))?;
+                for a in &deleted {
+                    self.gathered.remove(a);
+                }
+                self.gathered_written(&flush, pending, now);
+                self.max_message_id = max_id;
+                self.indexed = mark;
+                Ok(())
+            }
             Err(e) => {
                 let _ = tx.rollback();
-                Err(err(&self.path, "write failed", e))
-            }
-        };
-        if result.is_err() {
-            // The id cache may hold accounts the batch created: read it again.
-            if let Ok((_, ids, _)) = self.read_all() {
-                self.ids = ids;
+                Err(err(&path, "write failed", e))
             }
         }
-        result
+    }
+
+    fn read(&mut self, read: &Read) -> Result<ReadResult, StoreError> {
+        self.answer(read).map_err(|e| err(&self.path, "cannot read", e))
+    }
+
+    fn maintain(&mut self, budget: Duration) -> Result<bool, StoreError> {
+        let start = Instant::now();
+        let due = self.due(start);
+        self.flush_accounts(due)?;
+        let path = self.path.clone();
+        while start.elapsed() < budget {
+            if !self.collect_step().map_err(|e| err(&path, "cannot collect messages", e))? {
+                return Ok(!self.gathered.is_empty());
+            }
+        }
+        Ok(true)
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        let all: Vec<u64> = self.gathered.keys().copied().collect();
+        self.flush_accounts(all)
     }
 }
 
@@ -724,42 +1219,208 @@ mod tests {
         }
     }
 
+    fn create(user: &str) -> Write {
+        Write::CreateAccount { user: user.into(), password_hash: format!("hash of {user}") }
+    }
+
+    fn account(s: &mut SqliteStore, name: &str) -> Option<AccountRecord> {
+        match s.read(&Read::Account { name: name.into() }).unwrap() {
+            ReadResult::Account(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The ids of `name`'s inbox, oldest first, as reads see it.
+    fn inbox(s: &mut SqliteStore, name: &str) -> Vec<u64> {
+        let Some(a) = account(s, name) else { return vec![] };
+        match s.read(&Read::Inbox { id: a.id, count: 10_000, before: None, above: None }).unwrap() {
+            ReadResult::Inbox { messages, .. } => messages.iter().map(|m| m.id).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// The first column of every row of `sql`.
+    fn column(conn: &Connection, sql: &str) -> Vec<i64> {
+        conn.prepare(sql).unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    }
+
+    fn collect(s: &mut SqliteStore) {
+        s.flush().unwrap();
+        while s.maintain(Duration::from_secs(1)).unwrap() {}
+    }
+
     #[test]
-    fn batches_survive_reopening() {
+    fn batches_survive_reopening_and_start_up_reads_only_sessions_and_counters() {
         let dir = Dir::new("reopen");
         let t = Token([5; 16]);
         {
             let mut s = SqliteStore::open(&dir.0, 3).unwrap();
             assert_eq!(s.begin_epoch().unwrap(), 1);
             s.commit(&[
-                Write::CreateAccount { user: "alice".into(), password_hash: "h1".into() },
-                Write::CreateAccount { user: "bob".into(), password_hash: "h2".into() },
+                create("alice"),
+                create("bob"),
                 Write::Subscribe { follower: "alice".into(), followed: "bob".into() },
                 Write::OpenSession { token: t, user: "alice".into() },
             ])
             .unwrap();
+            let alice = account(&mut s, "alice").unwrap().id;
             for id in 1..=5 {
-                s.commit(&[Write::StoreMessage {
-                    message: msg(id, "bob"),
-                    recipients: vec!["alice".into()],
-                }])
-                .unwrap();
+                s.commit(&[Write::StoreMessage { message: msg(id, "bob"), recipients: vec![alice] }])
+                    .unwrap();
             }
             s.commit(&[Write::Delivered { user: "alice".into(), up_to: 4 }]).unwrap();
+            assert_eq!(
+                inbox(&mut s, "alice"),
+                vec![3, 4, 5],
+                "inbox capped at 3, before any chunk is written"
+            );
         }
         let mut s = SqliteStore::open(&dir.0, 3).unwrap();
         assert_eq!(s.begin_epoch().unwrap(), 2, "epochs grow across runs");
-        let snap = s.load().unwrap();
-        let alice = snap.accounts.iter().find(|a| a.user == "alice").unwrap();
-        assert_eq!(alice.inbox.iter().map(|m| m.id).collect::<Vec<_>>(), vec![3, 4, 5], "inbox capped at 3");
-        assert_eq!(alice.last_delivered, 4);
-        assert_eq!(snap.subscriptions, vec![("alice".to_string(), "bob".to_string())]);
-        assert_eq!(
-            snap.sessions.iter().map(|s| (s.token, s.user.as_str())).collect::<Vec<_>>(),
-            [(t, "alice")]
+        let start = s.load().unwrap();
+        assert_eq!(start.sessions.len(), 1);
+        let session = &start.sessions[0];
+        assert_eq!((session.token, session.user.as_str(), session.last_delivered), (t, "alice", 4));
+        assert_eq!((start.next_message_id, start.accounts, start.epoch), (6, 2, 2));
+        assert_eq!(inbox(&mut s, "alice"), vec![3, 4, 5], "gathered again after a stop without a flush");
+        match s.read(&Read::Followers { name: "bob".into() }).unwrap() {
+            ReadResult::Followers(f) => assert_eq!(f, vec![("alice".to_string(), session.user_id)]),
+            other => panic!("{other:?}"),
+        }
+        let alice = account(&mut s, "alice").unwrap();
+        match s.read(&Read::Inbox { id: alice.id, count: 2, before: Some(5), above: Some(3) }).unwrap() {
+            ReadResult::Inbox { messages, above } => {
+                assert_eq!(messages.iter().map(|m| m.id).collect::<Vec<_>>(), vec![3, 4]);
+                assert_eq!(messages[1], msg(4, "bob"));
+                assert_eq!(above, 2, "4 and 5 are above 3");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn chunks_are_written_when_full_or_old_and_inboxes_trimmed() {
+        let dir = Dir::new("chunks");
+        let mut s = SqliteStore::open(&dir.0, 100).unwrap();
+        s.commit(&[create("alice"), create("bob")]).unwrap();
+        let (alice, bob) = (account(&mut s, "alice").unwrap().id, account(&mut s, "bob").unwrap().id);
+        let mut id = 0;
+        for _ in 0..10 {
+            let batch: Vec<Write> = (0..30)
+                .map(|_| {
+                    id += 1;
+                    Write::StoreMessage { message: msg(id, "carol"), recipients: vec![alice, bob] }
+                })
+                .collect();
+            s.commit(&batch).unwrap();
+        }
+        let rows = column(&s.conn, "SELECT COUNT(*) FROM inbox");
+        assert!(rows[0] >= 2 * 3, "chunks written as they filled: {rows:?}");
+        let kept = column(
+            &s.conn,
+            &format!("SELECT total FROM inbox WHERE account = {alice} ORDER BY last DESC LIMIT 1"),
         );
-        assert_eq!(snap.next_message_id, 6);
-        assert_eq!(snap.epoch, 2);
+        assert!(kept[0] <= (100 + CHUNK) as i64, "trimmed: {kept:?}");
+        assert_eq!(inbox(&mut s, "alice"), (201..=300).collect::<Vec<_>>(), "the newest 100");
+        // What waits longer than FLUSH_AFTER is written by the upkeep.
+        s.commit(&[Write::StoreMessage { message: msg(301, "carol"), recipients: vec![alice] }]).unwrap();
+        std::thread::sleep(FLUSH_AFTER);
+        s.maintain(Duration::from_millis(1)).unwrap();
+        assert!(s.gathered.is_empty() || !s.gathered.contains_key(&alice));
+        assert_eq!(*inbox(&mut s, "alice").last().unwrap(), 301);
+        let indexed = column(&s.conn, "SELECT value FROM meta WHERE key = 'indexed'");
+        assert!(indexed[0] >= 301 || s.gathered.contains_key(&bob), "{indexed:?}");
+    }
+
+    #[test]
+    fn messages_no_inbox_holds_are_collected_and_ids_never_reused() {
+        let dir = Dir::new("collect");
+        let mut s = SqliteStore::open(&dir.0, 2).unwrap();
+        s.commit(&[create("alice"), create("bob")]).unwrap();
+        let (a, b) = (account(&mut s, "alice").unwrap().id, account(&mut s, "bob").unwrap().id);
+        s.commit(&[
+            Write::StoreMessage { message: msg(1, "carol"), recipients: vec![a, b] },
+            Write::StoreMessage { message: msg(2, "carol"), recipients: vec![a] },
+            Write::StoreMessage { message: msg(3, "carol"), recipients: vec![] },
+            Write::StoreMessage { message: msg(4, "carol"), recipients: vec![a, b] },
+            Write::StoreMessage { message: msg(5, "carol"), recipients: vec![b] },
+        ])
+        .unwrap();
+        let rows = column(&s.conn, "SELECT id FROM messages ORDER BY id");
+        assert_eq!(rows, vec![1, 2, 4, 5], "one row per message, none for a message nobody receives");
+        assert_eq!(inbox(&mut s, "alice"), vec![2, 4]);
+        assert_eq!(inbox(&mut s, "bob"), vec![4, 5]);
+        // Message 1 is in no inbox of 2 any more, once chunks are trimmed: collected. (Trimming
+        // keeps up to a chunk more than max_inbox, so push the inboxes along.)
+        let mut id = 5;
+        for _ in 0..3 * CHUNK {
+            id += 1;
+            s.commit(&[Write::StoreMessage { message: msg(id, "carol"), recipients: vec![a, b] }]).unwrap();
+        }
+        collect(&mut s);
+        let rows = column(&s.conn, "SELECT id FROM messages ORDER BY id LIMIT 3");
+        assert!(rows[0] > 5, "old messages collected: {rows:?}");
+        assert_eq!(inbox(&mut s, "alice"), vec![id - 1, id]);
+        s.commit(&[
+            Write::DeleteAccount { user: "alice".into() },
+            Write::DeleteAccount { user: "bob".into() },
+        ])
+        .unwrap();
+        collect(&mut s);
+        assert!(column(&s.conn, "SELECT id FROM messages").is_empty(), "no inbox holds anything");
+        drop(s);
+        let mut s = SqliteStore::open(&dir.0, 2).unwrap();
+        s.begin_epoch().unwrap();
+        assert_eq!(s.load().unwrap().next_message_id, id + 1, "ids are not reused");
+    }
+
+    #[test]
+    fn a_name_registered_again_inherits_nothing() {
+        let dir = Dir::new("rename");
+        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+        s.commit(&[create("alice"), create("bob")]).unwrap();
+        let (old, bob) = (account(&mut s, "alice").unwrap().id, account(&mut s, "bob").unwrap().id);
+        s.commit(&[Write::StoreMessage { message: msg(1, "carol"), recipients: vec![old, bob] }]).unwrap();
+        s.commit(&[Write::DeleteAccount { user: "alice".into() }]).unwrap();
+        s.commit(&[create("alice")]).unwrap();
+        let new = account(&mut s, "alice").unwrap().id;
+        assert_ne!(new, old);
+        s.commit(&[Write::StoreMessage { message: msg(2, "carol"), recipients: vec![new, old] }]).unwrap();
+        assert_eq!(inbox(&mut s, "alice"), vec![2], "the old alice's message stays hers");
+        assert_eq!(inbox(&mut s, "bob"), vec![1]);
+        s.flush().unwrap();
+        assert!(column(&s.conn, &format!("SELECT last FROM inbox WHERE account = {old}")).is_empty());
+        assert_eq!(s.load().unwrap().accounts, 2);
+    }
+
+    #[test]
+    fn relations_names_and_follows_are_paged_reads() {
+        let dir = Dir::new("relations");
+        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+        let names = ["amy", "bea", "cal", "dan", "eve"];
+        s.commit(&names.iter().map(|n| create(n)).collect::<Vec<_>>()).unwrap();
+        let sub = |a: &str, b: &str| Write::Subscribe { follower: a.into(), followed: b.into() };
+        s.commit(&[sub("cal", "amy"), sub("cal", "dan"), sub("bea", "cal"), sub("dan", "cal")]).unwrap();
+        let rel = |s: &mut SqliteStore, after: &str, limit| match s
+            .read(&Read::Relations { name: "cal".into(), after: after.into(), limit })
+            .unwrap()
+        {
+            ReadResult::Relations(r) => {
+                r.into_iter().map(|r| (r.user, r.following, r.follower)).collect::<Vec<_>>()
+            }
+            other => panic!("{other:?}"),
+        };
+        let s_ = |x: &str| x.to_string();
+        assert_eq!(
+            rel(&mut s, "", 10),
+            vec![(s_("amy"), true, false), (s_("bea"), false, true), (s_("dan"), true, true)]
+        );
+        assert_eq!(rel(&mut s, "amy", 1), vec![(s_("bea"), false, true)]);
+        assert_eq!(s.names("bea", 2).unwrap(), vec!["cal", "dan"]);
+        match s.read(&Read::Follows { follower: "cal".into(), followed: "dan".into() }).unwrap() {
+            ReadResult::Follows { follows, following } => assert_eq!((follows, following), (true, 2)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -767,36 +1428,46 @@ mod tests {
         let dir = Dir::new("delete");
         let mut s = SqliteStore::open(&dir.0, 10).unwrap();
         s.commit(&[
-            Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
-            Write::CreateAccount { user: "bob".into(), password_hash: "h".into() },
+            create("alice"),
+            create("bob"),
             Write::Subscribe { follower: "alice".into(), followed: "bob".into() },
-            Write::StoreMessage { message: msg(7, "bob"), recipients: vec!["alice".into()] },
             Write::OpenSession { token: Token([1; 16]), user: "alice".into() },
         ])
         .unwrap();
+        let alice = account(&mut s, "alice").unwrap().id;
+        s.commit(&[Write::StoreMessage { message: msg(7, "bob"), recipients: vec![alice] }]).unwrap();
         s.commit(&[Write::DeleteAccount { user: "alice".into() }]).unwrap();
         drop(s);
         let mut s = SqliteStore::open(&dir.0, 10).unwrap();
         s.begin_epoch().unwrap();
-        let snap = s.load().unwrap();
-        assert_eq!(snap.accounts.iter().map(|a| a.user.as_str()).collect::<Vec<_>>(), vec!["bob"]);
-        assert!(snap.subscriptions.is_empty() && snap.sessions.is_empty());
-        assert_eq!(snap.next_message_id, 8, "the id of a collected message is not reused");
+        let start = s.load().unwrap();
+        assert!(start.sessions.is_empty());
+        assert_eq!(start.accounts, 1);
+        assert_eq!(s.names("", 10).unwrap(), vec!["bob"]);
+        assert_eq!(start.next_message_id, 8, "the id of a collected message is not reused");
+        match s.read(&Read::Followers { name: "bob".into() }).unwrap() {
+            ReadResult::Followers(f) => assert!(f.is_empty()),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
     fn a_failed_batch_leaves_nothing() {
         let dir = Dir::new("atomic");
         let mut s = SqliteStore::open(&dir.0, 10).unwrap();
-        s.commit(&[Write::CreateAccount { user: "alice".into(), password_hash: "h".into() }]).unwrap();
-        // The second insert of the same account violates the primary key: the whole batch fails.
+        s.commit(&[create("alice")]).unwrap();
+        let alice = account(&mut s, "alice").unwrap().id;
+        // The second insert of the same account violates the primary key: the whole batch fails,
+        // message and deliveries included.
         let r = s.commit(&[
-            Write::CreateAccount { user: "bob".into(), password_hash: "h".into() },
-            Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
+            create("bob"),
+            Write::StoreMessage { message: msg(1, "x"), recipients: vec![alice] },
+            create("alice"),
         ]);
         assert!(r.is_err());
-        let names: Vec<String> = s.load().unwrap().accounts.into_iter().map(|a| a.user).collect();
-        assert_eq!(names, vec!["alice"]);
+        assert_eq!(s.names("", 10).unwrap(), vec!["alice"]);
+        assert!(inbox(&mut s, "alice").is_empty());
+        assert!(s.gathered.is_empty());
     }
 
     #[test]
@@ -827,90 +1498,6 @@ mod tests {
         assert!(err.0.contains("udpmsg.db") && err.0.contains("damaged"), "{err}");
         assert_eq!(std::fs::read(dir.0.join(DB_FILE)).unwrap(), vec![0x42u8; 8192], "left untouched");
     }
-    /// The first column of every row of `sql`.
-    fn column(conn: &Connection, sql: &str) -> Vec<i64> {
-        conn.prepare(sql).unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
-    }
-
-    fn inbox(snap: &Snapshot, user: &str) -> Vec<u64> {
-        snap.accounts.iter().find(|a| a.user == user).unwrap().inbox.iter().map(|m| m.id).collect()
-    }
-
-    fn reopen(dir: &Dir, max_inbox: usize) -> Snapshot {
-        let mut s = SqliteStore::open(&dir.0, max_inbox).unwrap();
-        s.begin_epoch().unwrap();
-        s.load().unwrap()
-    }
-
-    #[test]
-    fn one_row_per_message_inboxes_rebuilt_and_collected() {
-        let dir = Dir::new("rows");
-        {
-            let mut s = SqliteStore::open(&dir.0, 2).unwrap();
-            s.commit(&[
-                Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
-                Write::CreateAccount { user: "bob".into(), password_hash: "h".into() },
-            ])
-            .unwrap();
-            let both = vec!["alice".to_string(), "bob".to_string()];
-            s.commit(&[
-                Write::StoreMessage { message: msg(1, "carol"), recipients: both.clone() },
-                Write::StoreMessage { message: msg(2, "carol"), recipients: vec!["alice".into()] },
-                Write::StoreMessage { message: msg(3, "carol"), recipients: vec![] },
-                Write::StoreMessage { message: msg(4, "carol"), recipients: both },
-                Write::StoreMessage { message: msg(5, "carol"), recipients: vec!["bob".into()] },
-            ])
-            .unwrap();
-            let rows: i64 = s.conn.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0)).unwrap();
-            assert_eq!(rows, 4, "one row per message, none for a message nobody receives");
-        }
-        let snap = reopen(&dir, 2);
-        assert_eq!(inbox(&snap, "alice"), vec![2, 4]);
-        assert_eq!(inbox(&snap, "bob"), vec![4, 5]);
-        assert_eq!(snap.next_message_id, 6, "the id of an unstored message is not reused");
-        // Message 1 is in no inbox of 2 any more: it went at that start.
-        let s = SqliteStore::open_as(&dir.0, 2, Access::Admin).unwrap();
-        let ids = column(&s.conn, "SELECT id FROM messages ORDER BY id");
-        assert_eq!(ids, vec![2, 4, 5]);
-    }
-
-    #[test]
-    fn a_name_registered_again_inherits_nothing() {
-        let dir = Dir::new("rename");
-        {
-            let mut s = SqliteStore::open(&dir.0, 10).unwrap();
-            s.commit(&[
-                Write::CreateAccount { user: "alice".into(), password_hash: "old".into() },
-                Write::CreateAccount { user: "bob".into(), password_hash: "h".into() },
-                Write::StoreMessage {
-                    message: msg(1, "carol"),
-                    recipients: vec!["alice".into(), "bob".into()],
-                },
-            ])
-            .unwrap();
-            s.commit(&[Write::DeleteAccount { user: "alice".into() }]).unwrap();
-            s.commit(&[Write::CreateAccount { user: "alice".into(), password_hash: "new".into() }]).unwrap();
-            s.commit(&[Write::StoreMessage { message: msg(2, "carol"), recipients: vec!["alice".into()] }])
-                .unwrap();
-        }
-        let snap = reopen(&dir, 10);
-        assert_eq!(inbox(&snap, "alice"), vec![2], "the old alice's message stays hers");
-        assert_eq!(inbox(&snap, "bob"), vec![1]);
-    }
-
-    #[test]
-    fn dropped_messages_leave_storage() {
-        let dir = Dir::new("drop");
-        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
-        s.commit(&[
-            Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
-            Write::StoreMessage { message: msg(1, "bob"), recipients: vec!["alice".into()] },
-            Write::StoreMessage { message: msg(2, "bob"), recipients: vec!["alice".into()] },
-        ])
-        .unwrap();
-        s.commit(&[Write::DropMessage { id: 1 }]).unwrap();
-        assert_eq!(inbox(&s.load().unwrap(), "alice"), vec![2]);
-    }
 
     #[test]
     fn a_version_2_database_is_migrated_with_its_inboxes() {
@@ -930,23 +1517,35 @@ mod tests {
             )
             .unwrap();
         }
-        let snap = reopen(&dir, 10);
-        assert_eq!(inbox(&snap, "alice"), vec![1, 3]);
-        assert_eq!(inbox(&snap, "bob"), vec![1, 2]);
-        let bob = snap.accounts.iter().find(|a| a.user == "bob").unwrap();
-        assert_eq!(
-            bob.inbox[1],
-            Message { id: 2, time: 0, author: "carol".into(), to: Some("bob".into()), text: "dm".into() }
-        );
-        assert_eq!(snap.accounts[0].last_delivered, 1);
-        assert_eq!((snap.next_message_id, snap.epoch), (9, 5));
+        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+        assert_eq!(s.begin_epoch().unwrap(), 5);
+        assert_eq!(inbox(&mut s, "alice"), vec![1, 3]);
+        assert_eq!(inbox(&mut s, "bob"), vec![1, 2]);
+        let bob = account(&mut s, "bob").unwrap();
+        match s.read(&Read::Inbox { id: bob.id, count: 1, before: None, above: None }).unwrap() {
+            ReadResult::Inbox { messages, .. } => assert_eq!(
+                messages,
+                vec![Message {
+                    id: 2,
+                    time: 0,
+                    author: "carol".into(),
+                    to: Some("bob".into()),
+                    text: "dm".into()
+                }]
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(account(&mut s, "alice").unwrap().last_delivered, 1);
+        let start = s.load().unwrap();
+        assert_eq!((start.next_message_id, start.epoch, start.accounts), (9, 5, 2));
         // New accounts get ids no old account had.
-        let mut s = SqliteStore::open_as(&dir.0, 10, Access::Admin).unwrap();
-        s.commit(&[Write::CreateAccount { user: "carol".into(), password_hash: "h".into() }]).unwrap();
+        s.commit(&[create("carol")]).unwrap();
         let ids = column(&s.conn, "SELECT id FROM accounts ORDER BY name");
         assert_eq!(ids, vec![1, 2, 3]);
         let version: i64 = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        collect(&mut s);
+        assert_eq!(column(&s.conn, "SELECT id FROM messages ORDER BY id"), vec![1, 2, 3], "the orphan went");
     }
 
     #[test]
@@ -955,38 +1554,16 @@ mod tests {
         let t = Token([9; 16]);
         {
             let mut s = SqliteStore::open(&dir.0, 10).unwrap();
-            s.commit(&[
-                Write::CreateAccount { user: "alice".into(), password_hash: "h".into() },
-                Write::OpenSession { token: t, user: "alice".into() },
-            ])
-            .unwrap();
+            s.commit(&[create("alice"), Write::OpenSession { token: t, user: "alice".into() }]).unwrap();
+            s.commit(&[Write::LastReply { token: t, request_id: 7, reply: vec![1, 2] }]).unwrap();
             s.conn.execute("UPDATE sessions SET created = created - 3600", []).unwrap();
         }
-        let snap = reopen(&dir, 10);
-        let age = snap.sessions.iter().find(|s| s.token == t).unwrap().age_secs;
-        assert!((3600..3660).contains(&age), "{age}");
-    }
-
-    #[test]
-    fn a_name_deleted_and_added_again_beside_the_daemon_is_reported() {
-        let dir = Dir::new("recreated");
-        let mut daemon = SqliteStore::open(&dir.0, 10).unwrap();
-        daemon.begin_epoch().unwrap();
-        daemon
-            .commit(&[
-                Write::CreateAccount { user: "alice".into(), password_hash: "h1".into() },
-                Write::CreateAccount { user: "bob".into(), password_hash: "h1".into() },
-            ])
-            .unwrap();
-        assert!(daemon.load().unwrap().recreated.is_empty());
-        let mut admin = SqliteStore::open_as(&dir.0, 10, Access::Admin).unwrap();
-        admin.commit(&[Write::DeleteAccount { user: "alice".into() }]).unwrap();
-        admin.commit(&[Write::CreateAccount { user: "alice".into(), password_hash: "h2".into() }]).unwrap();
-        admin.commit(&[Write::SetPassword { user: "bob".into(), password_hash: "h2".into() }]).unwrap();
-        assert!(daemon.changed_externally().unwrap());
-        let snap = daemon.load().unwrap();
-        assert_eq!(snap.recreated, vec!["alice".to_string()], "bob only changed his password");
-        assert!(daemon.load().unwrap().recreated.is_empty(), "reported once");
+        let mut s = SqliteStore::open(&dir.0, 10).unwrap();
+        s.begin_epoch().unwrap();
+        let start = s.load().unwrap();
+        let session = start.sessions.iter().find(|s| s.token == t).unwrap();
+        assert!((3600..3660).contains(&session.age_secs), "{}", session.age_secs);
+        assert_eq!(session.last_reply, Some((7, vec![1, 2])));
     }
 
     #[test]
@@ -1014,5 +1591,16 @@ mod tests {
         let s = SqliteStore::open_as(&dir.0, 10, Access::Admin).unwrap();
         let version: i64 = s.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, SCHEMA_VERSION, "alone, it migrates");
+    }
+
+    #[test]
+    fn the_data_directory_and_database_are_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = Dir::new("private");
+        let _s = SqliteStore::open(&dir.0, 10).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.0), 0o700);
+        assert_eq!(mode(&dir.0.join(DB_FILE)), 0o600);
+        assert_eq!(mode(&dir.0.join(LOCK_FILE)), 0o600);
     }
 }

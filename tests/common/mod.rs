@@ -29,6 +29,10 @@ pub fn daemon_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("UDPMSG_")) {
         cmd.env_remove(k);
     }
+    // `UDPMSG_TEST_CACHE_BYTES=0 cargo test` runs every daemon with nothing cached.
+    if let Ok(bytes) = std::env::var("UDPMSG_TEST_CACHE_BYTES") {
+        cmd.env("UDPMSG_CACHE_BYTES", bytes);
+    }
     cmd
 }
 

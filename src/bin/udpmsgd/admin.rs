@@ -19,8 +19,25 @@ fn open(cfg: &ServerConfig) -> Result<SqliteStore, String> {
     SqliteStore::open_as(&cfg.data_dir, cfg.max_inbox as usize, Access::Admin).map_err(|e| e.to_string())
 }
 
+/// Every account name, in name order (read a page at a time).
 fn accounts(store: &mut SqliteStore) -> Result<Vec<String>, String> {
-    Ok(store.load().map_err(|e| e.to_string())?.accounts.into_iter().map(|a| a.user).collect())
+    let mut all: Vec<String> = Vec::new();
+    loop {
+        let after = all.last().cloned().unwrap_or_default();
+        let page = store.names(&after, 4096).map_err(|e| e.to_string())?;
+        let done = page.len() < 4096;
+        all.extend(page);
+        if done {
+            return Ok(all);
+        }
+    }
+}
+
+fn exists(store: &mut SqliteStore, name: &str) -> Result<bool, String> {
+    match store.read(&udpmsg::store::Read::Account { name: name.to_string() }).map_err(|e| e.to_string())? {
+        udpmsg::store::ReadResult::Account(a) => Ok(a.is_some()),
+        _ => Ok(false),
+    }
 }
 
 /// A password from a no-echo prompt (asked twice), or one line of stdin when it is not a terminal.
@@ -66,7 +83,7 @@ pub fn add(cfg: &ServerConfig, name: &str) -> Result<(), String> {
         return Err(proto::ErrorCode::InvalidName { max_len: cfg.max_name_len }.to_string());
     }
     let mut store = open(cfg)?;
-    if accounts(&mut store)?.iter().any(|u| u == name) {
+    if exists(&mut store, name)? {
         return Err(format!("name {name} is taken"));
     }
     let password_hash = hash(cfg, &read_password(cfg, name)?)?;
@@ -77,7 +94,7 @@ pub fn add(cfg: &ServerConfig, name: &str) -> Result<(), String> {
 
 pub fn passwd(cfg: &ServerConfig, name: &str) -> Result<(), String> {
     let mut store = open(cfg)?;
-    if !accounts(&mut store)?.iter().any(|u| u == name) {
+    if !exists(&mut store, name)? {
         return Err(format!("no such user {name}"));
     }
     let password_hash = hash(cfg, &read_password(cfg, name)?)?;
@@ -88,7 +105,7 @@ pub fn passwd(cfg: &ServerConfig, name: &str) -> Result<(), String> {
 
 pub fn del(cfg: &ServerConfig, name: &str) -> Result<(), String> {
     let mut store = open(cfg)?;
-    if !accounts(&mut store)?.iter().any(|u| u == name) {
+    if !exists(&mut store, name)? {
         return Err(format!("no such user {name}"));
     }
     store.commit(&[Write::DeleteAccount { user: name.into() }]).map_err(|e| e.to_string())?;

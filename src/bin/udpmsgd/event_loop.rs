@@ -85,7 +85,7 @@ pub fn run(
         StorageKind::Memory => Box::new(MemoryStore::new(cfg.max_inbox as usize)),
     };
     store.begin_epoch().map_err(|e| format!("cannot start storage: {e}"))?;
-    let snapshot = store.load().map_err(|e| format!("cannot load storage: {e}"))?;
+    let start = store.load().map_err(|e| format!("cannot load storage: {e}"))?;
 
     if stop.load(Ordering::SeqCst) {
         info!("signal received while starting, not serving");
@@ -118,7 +118,7 @@ pub fn run(
         .map_err(|e| format!("cannot seed the random generator: {e}"))?;
     let storage = cfg.storage;
     let stats_interval = cfg.stats_log_interval_secs;
-    let mut core = Server::new(cfg, params, snapshot, Box::new(rng), Instant::now());
+    let mut core = Server::new(cfg, params, start, Box::new(rng), Instant::now());
     let store = StoreThread::spawn(store, waker.clone())
         .map_err(|e| format!("cannot start the store thread: {e}"))?;
     // What the store thread is doing, if anything: one job at a time.
@@ -185,8 +185,9 @@ pub fn run(
             m.expire(poll.registry(), now);
         }
         while let Some(done) = store.try_done()? {
-            store_busy = false;
-            apply_done(&mut core, now, done)?;
+            if apply_done(&mut core, now, done)? {
+                store_busy = false;
+            }
         }
         if readable {
             let mut received = 0;
@@ -221,7 +222,7 @@ pub fn run(
         }
         if !store_busy && now >= next_external {
             // Asked between batches, so the answer cannot miss one of ours (see
-            // `Server::sync_accounts`); batches wait for it.
+            // `Server::sync_sessions`); batches wait for it.
             next_external = now + EXTERNAL_CHECK;
             store.submit(Job::CheckExternal);
             store_busy = true;
@@ -231,6 +232,10 @@ pub fn run(
                 store.submit(Job::Commit(n, writes));
                 store_busy = true;
             }
+        }
+        // Reads go after the batches they must see (the store serves jobs in order).
+        while let Some(read) = core.poll_read() {
+            store.submit(Job::Read(read));
         }
         while let Some(t) = core.poll_transmit() {
             outbox.push(t.to, t.bytes);
@@ -250,10 +255,26 @@ pub fn run(
         if !store_busy {
             let Some((n, writes)) = core.take_writes() else { break };
             store.submit(Job::Commit(n, writes));
+            store_busy = true;
         }
         let done = store.wait().ok_or("the store thread stopped")?;
-        store_busy = false;
-        apply_done(&mut core, Instant::now(), done)?;
+        if apply_done(&mut core, Instant::now(), done)? {
+            store_busy = false;
+        }
+    }
+    store.submit(Job::Flush);
+    loop {
+        match store.wait().ok_or("the store thread stopped")? {
+            Done::Flushed(r) => {
+                if let Err(e) = r {
+                    warn!("storage: {e}");
+                }
+                break;
+            }
+            other => {
+                apply_done(&mut core, Instant::now(), other)?;
+            }
+        }
     }
     while let Some(t) = core.poll_transmit() {
         outbox.push(t.to, t.bytes);
@@ -372,9 +393,15 @@ fn summary(core: &Server, outbox: &Outbox) -> String {
     )
 }
 
-/// Hands a finished store job to the core.
-fn apply_done(core: &mut Server, now: Instant, done: Done) -> Result<(), String> {
+/// Hands a finished store job to the core; true if it was a commit or a check (the jobs one of
+/// which may be under way at a time).
+fn apply_done(core: &mut Server, now: Instant, done: Done) -> Result<bool, String> {
     match done {
+        Done::Read { id, result } => {
+            core.on_read(now, id, result);
+            return Ok(false);
+        }
+        Done::Flushed(_) => return Ok(false),
         Done::Committed { n, writes } => core.on_committed(now, n, writes),
         Done::Failed { n, writes, error, durable } => {
             // Nothing of the batch is stored and none of its replies has left: undo it in memory
@@ -386,9 +413,9 @@ fn apply_done(core: &mut Server, now: Instant, done: Done) -> Result<(), String>
             core.on_commit_failed(now, n, durable);
         }
         // Accounts added, deleted or given a new password by `udpmsgd user ...`.
-        Done::External(Ok(Some(durable))) => core.sync_accounts(now, durable),
+        Done::External(Ok(Some(durable))) => core.sync_sessions(now, durable),
         Done::External(Ok(None)) => {}
         Done::External(Err(e)) => debug!("cannot check the store for outside changes: {e}"),
     }
-    Ok(())
+    Ok(true)
 }

@@ -193,6 +193,10 @@ fn http(code: u16, reason: &str, content_type: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+fn as_refs(v: &[(String, u64)]) -> Vec<(&str, u64)> {
+    v.iter().map(|(l, n)| (l.as_str(), *n)).collect()
+}
+
 /// The counters in Prometheus text format.
 pub fn render(core: &Server, shell: &ShellCounters) -> String {
     let s = core.stats();
@@ -305,6 +309,43 @@ pub fn render(core: &Server, shell: &ShellCounters) -> String {
         "gauge",
         "Password jobs queued or running.",
         &[("", core.password_jobs() as u64)],
+    );
+    let cache = core.cache_stats();
+    let labelled = |m: &std::collections::BTreeMap<&'static str, u64>| -> Vec<(String, u64)> {
+        m.iter().map(|(k, v)| (format!("{{kind=\"{k}\"}}"), *v)).collect()
+    };
+    let hits = labelled(&cache.hits);
+    let misses = labelled(&cache.misses);
+    let reads = labelled(&s.reads_by_kind);
+    metric("cache_hits_total", "counter", "Lookups the cache answered, by kind.", &as_refs(&hits));
+    metric(
+        "cache_misses_total",
+        "counter",
+        "Lookups the cache could not answer, by kind.",
+        &as_refs(&misses),
+    );
+    metric("cache_bytes", "gauge", "Estimated memory the cache holds.", &[("", cache.bytes as u64)]);
+    metric("cache_entries", "gauge", "Entries in the cache.", &[("", cache.entries as u64)]);
+    metric(
+        "cache_evictions_total",
+        "counter",
+        "Entries evicted to stay within cache_bytes.",
+        &[("", cache.evictions)],
+    );
+    metric("storage_reads_total", "counter", "Reads issued to the store, by kind.", &as_refs(&reads));
+    metric("storage_read_failures_total", "counter", "Reads that failed.", &[("", s.read_failures)]);
+    let (parked, in_flight) = core.reads_waiting();
+    metric(
+        "requests_waiting_for_reads",
+        "gauge",
+        "Requests parked until their reads are answered.",
+        &[("", parked as u64)],
+    );
+    metric(
+        "storage_reads_in_flight",
+        "gauge",
+        "Reads issued and not yet answered.",
+        &[("", in_flight as u64)],
     );
     metric(
         "busy_total",
