@@ -36,6 +36,8 @@ struct H {
     other: Vec<Transmit>,
     /// Commits fail while set (a full disk).
     disk_full: bool,
+    /// Reads fail while set.
+    reads_fail: bool,
     /// Every write committed, in order.
     committed: Vec<Write>,
 }
@@ -82,6 +84,7 @@ impl H {
             next_id: 1,
             other: Vec::new(),
             disk_full: false,
+            reads_fail: false,
             committed: Vec::new(),
         }
     }
@@ -110,7 +113,7 @@ impl H {
             while let Some(job) = self.server.poll_read() {
                 let (id, read) = (job.id, job.read);
                 busy = true;
-                let result = self.store.read(&read);
+                let result = self.read(&read);
                 self.server.on_read(self.now, id, result);
             }
             if !busy {
@@ -123,9 +126,19 @@ impl H {
     fn reads(&mut self) {
         while let Some(job) = self.server.poll_read() {
             let (id, read) = (job.id, job.read);
-            let result = self.store.read(&read);
+            let result = self.read(&read);
             self.server.on_read(self.now, id, result);
         }
+    }
+
+    fn read(
+        &mut self,
+        read: &crate::store::Read,
+    ) -> Result<crate::store::ReadResult, crate::store::StoreError> {
+        if self.reads_fail {
+            return Err(crate::store::StoreError("the disk is gone".into()));
+        }
+        self.store.read(read)
     }
 
     /// The message ids of `user`'s inbox in the store, oldest first.
@@ -1474,4 +1487,115 @@ fn catch_up_skips_what_was_acknowledged() {
         // (the restored sessions have no address to be pushed to yet).
         assert_eq!(missed(&mut h), 1, "after a restart (cache {cache_bytes})");
     }
+}
+
+/// The store is the truth: a retrieve sees every post acknowledged before it was sent, with or
+/// without a cache, on a fresh core that has nothing cached, and while the next post is being
+/// stored in the same turn.
+#[test]
+fn a_retrieve_after_a_post_sees_it() {
+    for cache_bytes in [0, 1 << 20] {
+        let mut h = H::with(ServerConfig { cache_bytes, ..test_config() });
+        let mut alice = h.user("alice", 1);
+        let bob = h.user("bob", 2);
+        h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+        h.req(a(2), Some(bob), RequestBody::Post { text: "post 0".into() }).unwrap();
+        for round in 1..4 {
+            // Post `round` and alice's retrieve arrive together: she sees every acknowledged
+            // post, and this one or not (it is not acknowledged yet).
+            let (_, post) = h.encode(Some(bob), RequestBody::Post { text: format!("post {round}") });
+            let (rid, retrieve) = h.encode(Some(alice), RequestBody::Retrieve { count: 10, before: None });
+            h.server.handle(h.now, a(2), &post);
+            h.server.handle(h.now, a(1), &retrieve);
+            h.turn();
+            let got = h.drain().into_iter().find_map(|t| match proto::decode_server(&t.bytes) {
+                Ok(ServerMsg::Reply { id, result: Ok(Response::Messages { messages, .. }) }) if id == rid => {
+                    Some(messages.into_iter().map(|m| m.text).collect::<Vec<_>>())
+                }
+                _ => None,
+            });
+            let acked: Vec<String> = (0..round).map(|i| format!("post {i}")).collect();
+            let got = got.expect("an answer");
+            assert!(got.starts_with(&acked), "cache {cache_bytes}, round {round}: {got:?}");
+            // Then, after the post's acknowledgement, it is there.
+            let Ok(Response::Messages { messages, .. }) =
+                h.req(a(1), Some(alice), RequestBody::Retrieve { count: 10, before: None })
+            else {
+                panic!()
+            };
+            assert_eq!(messages.len(), round as usize + 1, "cache {cache_bytes}, round {round}");
+            if round == 2 {
+                h.restart(ServerConfig { cache_bytes, ..test_config() });
+                alice = h.login_from(a(1), "alice", "password").unwrap();
+            }
+        }
+    }
+}
+
+/// A read that fails answers "storage unavailable, retry", leaves no state behind, and the
+/// retransmission runs once the store reads again.
+#[test]
+fn a_failed_read_is_answered_retry_and_leaves_nothing() {
+    let mut h = H::with(ServerConfig { cache_bytes: 0, ..test_config() });
+    let alice = h.user("alice", 1);
+    let bob = h.user("bob", 2);
+    h.req(a(1), Some(alice), RequestBody::Subscribe { user: "bob".into() }).unwrap();
+    h.reads_fail = true;
+    let (_, post) = h.encode(Some(bob), RequestBody::Post { text: "once".into() });
+    let out = h.raw(a(2), &post);
+    assert!(out.iter().any(|t| matches!(
+        proto::decode_server(&t.bytes),
+        Ok(ServerMsg::Reply { result: Err(ErrorCode::StorageUnavailable), .. })
+    )));
+    assert_eq!(h.server.reads_waiting(), (0, 0), "nothing parked, nothing in flight");
+    assert!(h.inbox("alice").is_empty(), "nothing written");
+    assert_eq!(
+        h.req(a(1), Some(alice), RequestBody::Retrieve { count: 5, before: None }),
+        Err(ErrorCode::StorageUnavailable)
+    );
+    let login =
+        RequestBody::Login { user: "bob".into(), password: "password".into(), cookie: None, pad: vec![] };
+    let entries = h.server.replies.len();
+    assert_eq!(h.req(a(3), None, login), Err(ErrorCode::StorageUnavailable));
+    assert_eq!(h.server.replies.len(), entries, "the login left no cache entry");
+    assert_eq!(h.server.password_jobs(), 0);
+    // The store reads again: the same request (a retransmission) runs, once.
+    h.reads_fail = false;
+    let out = h.raw(a(2), &post);
+    assert!(out.iter().any(|t| matches!(
+        proto::decode_server(&t.bytes),
+        Ok(ServerMsg::Reply { result: Ok(Response::Posted { recipients: 1, .. }), .. })
+    )));
+    assert_eq!(h.inbox("alice").len(), 1);
+}
+
+/// What a read of the store answers is what the cache answers: the same requests, the same
+/// replies, with a cache and without (the cache-size-zero suite runs everything else).
+#[test]
+fn the_cache_changes_nothing_a_client_sees() {
+    let run = |cache_bytes: u64| -> Vec<Result<Response, ErrorCode>> {
+        let mut h = H::with(ServerConfig { cache_bytes, ..test_config() });
+        let users = ["amy", "bea", "cal", "dan"];
+        let tokens: Vec<Token> = users.iter().enumerate().map(|(i, u)| h.user(u, 10 + i as u16)).collect();
+        let mut answers = Vec::new();
+        let mut seed = 7u64;
+        for _ in 0..300 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let (i, j) = ((seed % 4) as usize, ((seed >> 8) % 4) as usize);
+            let body = match (seed >> 16) % 8 {
+                0 => RequestBody::Subscribe { user: users[j].into() },
+                1 => RequestBody::Unsubscribe { user: users[j].into() },
+                2 | 3 => RequestBody::Post { text: format!("p{}", seed % 1000) },
+                4 => RequestBody::Send { to: users[j].into(), text: format!("d{}", seed % 1000) },
+                5 => RequestBody::Retrieve { count: 1 + (seed % 20) as u32, before: None },
+                6 => RequestBody::Subscriptions { after: None },
+                _ => RequestBody::ListUsers { pattern: "*a*".into(), after: None },
+            };
+            answers.push(h.req(a(10 + i as u16), Some(tokens[i]), body));
+        }
+        answers
+    };
+    assert_eq!(run(0), run(64 << 20));
 }
