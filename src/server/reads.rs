@@ -9,13 +9,15 @@
 //! again from the start, now with the data; a read that fails answers the request "storage
 //! unavailable, retry" and leaves nothing behind.
 //!
-//! Order: a read is handed to the shell only after the batch that was open when it was issued
-//! (the store serves jobs in order), so a retrieve after a post sees the post.
+//! Order: the store serves jobs in order, so a read handed to the shell after a batch sees it.
+//! A read that the open batch (the writes not yet taken) could change is held until that batch
+//! has been taken ([`conflicts`]), so a retrieve after a post sees the post; other reads go at
+//! once.
 
 use super::cache::{InboxHead, Key, Value};
 use super::{ReplyTo, Server};
 use crate::proto::{EncodedMessage, ErrorCode, Relation, RequestBody, Response, Token};
-use crate::store::{AccountRecord, Read, ReadResult, StoreError};
+use crate::store::{AccountRecord, Read, ReadResult, StoreError, Write};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -140,7 +142,7 @@ impl Reads {
 impl Server {
     /// Parks `job` until `needs` are read.
     pub(super) fn park(&mut self, job: Job, needs: Vec<Read>, got: Vec<(Read, Arc<ReadResult>)>) {
-        let after = self.gate().unwrap_or(0);
+        let open = self.open_batch;
         let urgent = matches!(job, Job::Request { session: Some(_), .. });
         let r = &mut self.reads;
         let pid = r.next_id;
@@ -165,6 +167,8 @@ impl Server {
                         r.by_key.insert(k, id);
                     }
                     r.by_read.insert(read.clone(), id);
+                    // Only a read the open batch could change waits for it to be taken.
+                    let after = if self.writes.iter().any(|w| conflicts(&read, w)) { open } else { 0 };
                     r.inflight.insert(id, InFlight { read, waiters: vec![pid], cacheable: true, urgent });
                     r.queue.push_back((after, id));
                 }
@@ -178,11 +182,8 @@ impl Server {
     /// those batches.
     pub fn poll_read(&mut self) -> Option<ReadJob> {
         loop {
-            let (after, id) = *self.reads.queue.front()?;
-            if after > self.taken_batch {
-                return None;
-            }
-            self.reads.queue.pop_front();
+            let pos = self.reads.queue.iter().position(|(after, _)| *after <= self.taken_batch)?;
+            let (_, id) = self.reads.queue.remove(pos).expect("found");
             if let Some(f) = self.reads.inflight.get(&id) {
                 return Some(ReadJob { id, read: f.read.clone(), urgent: f.urgent });
             }
@@ -329,11 +330,15 @@ impl Server {
                 _ => None,
             };
         }
-        if before.is_none() && above.is_none() {
+        if above.is_none() {
             if let Some(Value::Inbox(head)) = self.cache.get(&Key::Inbox(id)) {
-                if head.complete || head.messages.len() >= count as usize {
-                    let skip = head.messages.len().saturating_sub(count as usize);
-                    return Some((head.messages.iter().skip(skip).cloned().collect(), 0));
+                // The head answers a page (the first, or one after `before`, as a retrieve
+                // pages back) when it holds enough below `before`, or all there is.
+                let below: Vec<&Arc<EncodedMessage>> =
+                    head.messages.iter().filter(|m| before.is_none_or(|b| m.message.id < b)).collect();
+                if head.complete || below.len() >= count as usize {
+                    let skip = below.len().saturating_sub(count as usize);
+                    return Some((below.into_iter().skip(skip).cloned().collect(), 0));
                 }
             }
         }
@@ -417,6 +422,29 @@ impl Server {
             f(Arc::make_mut(a));
             self.cache.resize(&key);
         }
+    }
+}
+
+/// Whether write `w` can change what `read` answers.
+fn conflicts(read: &Read, w: &Write) -> bool {
+    match (read, w) {
+        // Rare, and touching much: everything waits for it.
+        (_, Write::DeleteAccount { .. }) => true,
+        (Read::Account { name }, Write::CreateAccount { user, .. })
+        | (Read::Account { name }, Write::SetPassword { user, .. })
+        | (Read::Account { name }, Write::Delivered { user, .. })
+        | (Read::Account { name }, Write::KnownAddresses { user, .. }) => name == user,
+        (Read::Names { .. }, Write::CreateAccount { .. }) => true,
+        (Read::Followers { name }, Write::Subscribe { followed, .. })
+        | (Read::Followers { name }, Write::Unsubscribe { followed, .. }) => name == followed,
+        (Read::Follows { follower: f, .. }, Write::Subscribe { follower, .. })
+        | (Read::Follows { follower: f, .. }, Write::Unsubscribe { follower, .. }) => f == follower,
+        (Read::Relations { name, .. }, Write::Subscribe { follower, followed })
+        | (Read::Relations { name, .. }, Write::Unsubscribe { follower, followed }) => {
+            name == follower || name == followed
+        }
+        (Read::Inbox { id, .. }, Write::StoreMessage { recipients, .. }) => recipients.contains(id),
+        _ => false,
     }
 }
 

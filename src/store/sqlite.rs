@@ -179,8 +179,8 @@ struct Gc {
 
 /// Accounts whose floors the collection remembers within one pass, at most.
 const GC_FLOORS: usize = 1 << 20;
-/// Messages the collection looks at per query.
-const GC_STEP: u32 = 256;
+/// Messages the collection looks at per query (a step should take well under a millisecond).
+const GC_STEP: u32 = 32;
 
 /// Who opens the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,6 +31,8 @@ pub struct DaemonSpec {
     pub max_sessions: u64,
     /// `RUST_LOG` for the daemon. The summary line is logged by the `udpmsgd` target at info.
     pub log_filter: String,
+    /// More settings (key, TOML value), e.g. `catch_up_max = 0` for filling a database.
+    pub extra: Vec<(String, String)>,
 }
 
 /// Keys every daemon version knows.
@@ -48,6 +50,7 @@ fn required_keys(spec: &DaemonSpec) -> Vec<(String, String)> {
         keys.push(("argon2_memory_kib".to_string(), "64".to_string()));
         keys.push(("argon2_iterations".to_string(), "1".to_string()));
     }
+    keys.extend(spec.extra.iter().cloned());
     keys
 }
 

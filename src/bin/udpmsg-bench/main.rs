@@ -23,6 +23,7 @@ mod behaviors;
 mod daemon;
 mod echo;
 mod hist;
+mod populate;
 mod script;
 mod sim;
 mod workloads;
@@ -149,6 +150,39 @@ enum Sub {
     /// The ceiling's echo server (the bench starts it itself).
     #[command(hide = true)]
     EchoServer,
+    /// Fill a daemon's database through the protocol: accounts, subscriptions, messages.
+    Populate(PopulateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct PopulateArgs {
+    /// A running daemon to fill (it should have cheap argon2, the abuse limits lifted and
+    /// catch_up_max = 0).
+    #[arg(long, value_name = "ADDR", conflicts_with = "data_dir", required_unless_present = "data_dir")]
+    server: Option<SocketAddr>,
+    /// Start a daemon so configured on DIR (config in DIR/server.toml, data in DIR/data), fill
+    /// it and stop it; DIR/populate.json says what it holds (workload 6 reads it).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    accounts: u64,
+    /// Messages in all.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    messages: u64,
+    /// Inboxes each message lands in (each account has this many followers).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    recipients: u64,
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    text_bytes: usize,
+    /// Account names are PREFIX000000, PREFIX000001, ...
+    #[arg(long, value_name = "PREFIX", default_value = "pop")]
+    prefix: String,
+    /// Clients at work at once.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    window: usize,
+    /// The udpmsgd executable (with --data-dir; default: udpmsgd next to this executable).
+    #[arg(long, value_name = "PATH")]
+    daemon: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -216,14 +250,26 @@ fn main() -> ExitCode {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         let _ = signal_hook::flag::register(sig, flag.clone());
     }
-    if let Some(Sub::EchoServer) = args.cmd {
-        return match echo::serve() {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("udpmsg-bench echo-server: {e}");
-                ExitCode::from(1)
-            }
-        };
+    match &args.cmd {
+        Some(Sub::EchoServer) => {
+            return match echo::serve() {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("udpmsg-bench echo-server: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Some(Sub::Populate(p)) => {
+            return match run_populate(p) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log(&format!("populate: {e}"));
+                    ExitCode::from(1)
+                }
+            };
+        }
+        None => {}
     }
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
@@ -233,6 +279,65 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Settings of a daemon that is being filled, or read back at speed: nothing caught up at login
+/// (the clients are shared sockets that receive no pushes).
+pub fn filling_keys() -> Vec<(String, String)> {
+    vec![("catch_up_max".into(), "0".into())]
+}
+
+/// The udpmsgd next to this executable, or the one given.
+fn daemon_exe(given: &Option<PathBuf>) -> Result<PathBuf, String> {
+    match given {
+        Some(p) => Ok(p.clone()),
+        None => Ok(std::env::current_exe()
+            .map_err(|e| format!("cannot find myself: {e}"))?
+            .with_file_name(format!("udpmsgd{}", std::env::consts::EXE_SUFFIX))),
+    }
+}
+
+fn run_populate(p: &PopulateArgs) -> Result<(), String> {
+    let d = populate::Dataset {
+        prefix: p.prefix.clone(),
+        accounts: p.accounts,
+        messages: p.messages,
+        recipients: p.recipients,
+        text_bytes: p.text_bytes,
+    };
+    let t = Instant::now();
+    let salt = u64::from(rand_u16());
+    match (&p.data_dir, p.server) {
+        (Some(dir), _) => {
+            let spec = DaemonSpec {
+                exe: daemon_exe(&p.daemon)?,
+                dir: dir.clone(),
+                storage: "sqlite".into(),
+                cheap_argon2: true,
+                max_sessions: 250_000,
+                log_filter: "warn,udpmsgd=info".into(),
+                extra: filling_keys(),
+            };
+            let daemon = Daemon::start(&spec)?;
+            let result = populate::populate(daemon.addr, &d, p.window, salt);
+            let stats = daemon.stop();
+            result?;
+            let summary: Vec<String> = stats.summary.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            log(&format!("populate: daemon: {}", summary.join(" ")));
+            let manifest = serde_json::to_string_pretty(&d).map_err(|e| e.to_string())?;
+            std::fs::write(dir.join("populate.json"), manifest).map_err(|e| e.to_string())?;
+        }
+        (None, Some(server)) => populate::populate(server, &d, p.window, salt)?,
+        (None, None) => unreachable!("clap requires one"),
+    }
+    log(&format!(
+        "populate: {} accounts, {} messages to {} recipients each, in {:.1} s",
+        d.accounts,
+        d.messages,
+        d.recipients,
+        t.elapsed().as_secs_f64()
+    ));
+    Ok(())
 }
 
 fn opts(args: &Args) -> Opts {
@@ -313,6 +418,7 @@ fn run(args: &Args) -> Result<bool, String> {
             cheap_argon2: !(id == 4 && storm_argon2 == Argon2::Default),
             max_sessions: o.sessions as u64 + 10_000,
             log_filter: args.daemon_log.clone(),
+            extra: Vec::new(),
         };
         let r = run_one(id, args, &spec, &o, salt.wrapping_add(u64::from(id)), t0);
         let mut r = r.unwrap_or_else(|e| WorkloadResult::failed(id, e));

@@ -2,8 +2,11 @@
 //! while a batch is being made durable (an `fsync` costs 0.1-1 ms here) or data is read. Jobs are
 //! served in the order they were submitted, so a read submitted after a commit sees it. The core
 //! allows one batch in flight; the next one fills meanwhile (group commit). Results come back
-//! through a channel, and the loop is woken with its `mio::Waker`. When it has nothing to do, the
-//! thread does the store's background upkeep ([`Store::maintain`]) in short slices.
+//! through a channel, and the loop is woken with its `mio::Waker`. Once it has had nothing to do
+//! for [`UPKEEP_AFTER`], the thread does the store's background upkeep ([`Store::maintain`]:
+//! collecting messages no inbox holds) in slices of [`UPKEEP_SLICE`], looking for jobs between
+//! them; under steady load upkeep waits for a lull, so it never delays a commit or a read by more
+//! than one slice.
 //!
 //! Reads that are not urgent (for logins and registrations, and the catch-up of sessions brought
 //! back at start) wait in a lane of their own, served when nothing else waits: a login storm's
@@ -15,7 +18,7 @@ use std::collections::VecDeque;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use udpmsg::server::ReadJob;
 use udpmsg::store::{ReadResult, Startup, Store, StoreError, Write};
 
@@ -51,9 +54,11 @@ pub enum Done {
     Flushed(Result<(), StoreError>),
 }
 
-/// One slice of background upkeep, and how long the thread waits for a job before the next.
-const UPKEEP_SLICE: Duration = Duration::from_millis(5);
-const UPKEEP_IDLE: Duration = Duration::from_millis(100);
+/// One slice of background upkeep; how long the store must have been idle before upkeep runs;
+/// how long it waits for a job when upkeep has nothing to do.
+const UPKEEP_SLICE: Duration = Duration::from_millis(1);
+const UPKEEP_AFTER: Duration = Duration::from_millis(50);
+const UPKEEP_IDLE: Duration = Duration::from_millis(250);
 
 pub struct StoreThread {
     jobs: Option<Sender<Job>>,
@@ -66,8 +71,9 @@ impl StoreThread {
         let (job_tx, job_rx) = mpsc::channel::<Job>();
         let (done_tx, done_rx) = mpsc::channel();
         let thread = thread::Builder::new().name("store".into()).spawn(move || {
-            // Whether upkeep has more to do: then it goes on as soon as no job waits.
+            // Whether upkeep has more to do, and when the last job came.
             let mut upkeep = true;
+            let mut last_job = Instant::now();
             let mut later: VecDeque<ReadJob> = VecDeque::new();
             loop {
                 // Everything submitted so far, urgent work first.
@@ -80,7 +86,12 @@ impl StoreThread {
                     Err(mpsc::TryRecvError::Empty) => later.pop_front().map(Job::Read),
                     Err(mpsc::TryRecvError::Disconnected) => return,
                 };
-                let wait = if upkeep { Duration::ZERO } else { UPKEEP_IDLE };
+                let idle_for = last_job.elapsed();
+                let wait = match (upkeep, idle_for >= UPKEEP_AFTER) {
+                    (true, true) => Duration::ZERO,
+                    (true, false) => UPKEEP_AFTER - idle_for,
+                    (false, _) => UPKEEP_IDLE,
+                };
                 let job = match job {
                     Some(job) => job,
                     None => match job_rx.recv_timeout(wait) {
@@ -89,6 +100,7 @@ impl StoreThread {
                             continue;
                         }
                         Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout) if last_job.elapsed() < UPKEEP_AFTER => continue,
                         Err(RecvTimeoutError::Timeout) => {
                             upkeep = match store.maintain(UPKEEP_SLICE) {
                                 Ok(more) => more,
@@ -102,6 +114,7 @@ impl StoreThread {
                         Err(RecvTimeoutError::Disconnected) => return,
                     },
                 };
+                last_job = Instant::now();
                 let done = match job {
                     Job::Commit(n, writes) => {
                         upkeep = true;
