@@ -14,7 +14,10 @@
 //!    post-to-push latency (the post text carries its send time);
 //! 4. workload 3 plus a login storm (100 logins/s, each followed by a logout) at argon2's
 //!    default cost;
-//! 5. idle sessions: N sessions sending keepalives; the daemon's RSS per session.
+//! 5. idle sessions: N sessions sending keepalives; the daemon's RSS per session;
+//! 6. inbox reads: a daemon started on a large populated store (`--dataset`, or one the bench
+//!    fills itself), its start-up time and RSS; random accounts retrieve their newest messages,
+//!    a cold round from disk and a warm round (see `reads.rs`).
 //!
 //! Unless `--server` is given, each workload gets a fresh daemon (a fresh data directory), whose
 //! commit statistics are read from its `stopped:` line after SIGTERM.
@@ -24,6 +27,7 @@ mod daemon;
 mod echo;
 mod hist;
 mod populate;
+mod reads;
 mod script;
 mod sim;
 mod workloads;
@@ -46,8 +50,8 @@ use workloads::{Ctx, Opts, WorkloadResult};
 )]
 struct Args {
     /// Workloads to run, e.g. 1,2,3 (1 sequential, 2 concurrent, 3 fan-out, 4 fan-out with a
-    /// login storm, 5 idle sessions).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5")]
+    /// login storm, 5 idle sessions, 6 inbox reads).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6")]
     workloads: Vec<u32>,
     /// Seconds of each measured phase (the count limits below apply too).
     #[arg(long, value_name = "SECS")]
@@ -127,6 +131,20 @@ struct Args {
     /// Workload 5: seconds the sessions are held (default: --duration).
     #[arg(long, value_name = "SECS")]
     hold: Option<f64>,
+    /// Workload 6: a data directory made by `udpmsg-bench populate --data-dir` (copied, not
+    /// changed). Without it the bench populates a smaller one itself (10,000 accounts, 100,000
+    /// messages; --quick: 300 and 3,000).
+    #[arg(long, value_name = "DIR")]
+    dataset: Option<PathBuf>,
+    /// Workload 6: accounts that log in and read.
+    #[arg(long, value_name = "N")]
+    readers: Option<usize>,
+    /// Workload 6: messages each retrieve asks for.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    read_count: u32,
+    /// Workload 6: retrieves in flight.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    read_window: usize,
     /// Bytes of post text (and of the echo payload).
     #[arg(long, value_name = "N", default_value_t = 64)]
     text_bytes: usize,
@@ -369,14 +387,22 @@ fn opts(args: &Args) -> Opts {
         text_bytes: args.text_bytes.clamp(21, 1000),
         drain: Duration::from_secs(if q { 10 } else { 5 }),
         setup_window: args.setup_window,
+        readers: picku(args.readers, 200, 10_000),
+        read_count: args.read_count.max(1),
+        read_window: args.read_window.max(1),
     }
 }
 
 fn run(args: &Args) -> Result<bool, String> {
     let o = opts(args);
     for w in &args.workloads {
-        if !(1..=5).contains(w) {
-            return Err(format!("no workload {w}: choose among 1,2,3,4,5"));
+        if !(1..=6).contains(w) {
+            return Err(format!("no workload {w}: choose among 1,2,3,4,5,6"));
+        }
+        if *w == 6 && args.server.is_some() {
+            return Err(
+                "workload 6 starts its own daemon on a dataset: leave out --server or workload 6".into()
+            );
         }
     }
     let daemon_exe = match &args.daemon {
@@ -463,6 +489,9 @@ fn run_one(
     salt: u64,
     t0: Instant,
 ) -> Result<WorkloadResult, String> {
+    if id == 6 {
+        return run_reads(args, spec, o, salt, t0);
+    }
     let daemon = match args.server {
         Some(_) => None,
         None => Some(Daemon::start(spec)?),
@@ -501,6 +530,41 @@ fn run_one(
     r.daemon = stats;
     if let (Some(a), Some(b)) = (snmp_before, udp_snmp()) {
         // System-wide counters: on a quiet machine, this run's.
+        r.details.insert("kernel_udp_rcvbuf_errors".into(), serde_json::json!(b.0.saturating_sub(a.0)));
+        r.details.insert("kernel_udp_sndbuf_errors".into(), serde_json::json!(b.1.saturating_sub(a.1)));
+    }
+    Ok(r)
+}
+
+fn run_reads(
+    args: &Args,
+    spec: &DaemonSpec,
+    o: &Opts,
+    salt: u64,
+    t0: Instant,
+) -> Result<WorkloadResult, String> {
+    let source = match &args.dataset {
+        Some(dir) => reads::Source::Copy(dir),
+        None => reads::Source::Make(populate::Dataset {
+            prefix: "pop".into(),
+            accounts: if args.quick { 300 } else { 10_000 },
+            messages: if args.quick { 3_000 } else { 100_000 },
+            recipients: 10,
+            text_bytes: 200,
+        }),
+    };
+    let ctx_of = |d: &Daemon| Ctx {
+        server: d.addr,
+        daemon_pid: Some(d.pid),
+        salt,
+        opts: o.clone(),
+        t0,
+        hooks: (args.hook_start.clone(), args.hook_end.clone()),
+    };
+    let snmp_before = udp_snmp();
+    let (mut r, stats) = reads::inbox_reads(ctx_of, 6, spec, source, o.read_window)?;
+    r.daemon = Some(stats);
+    if let (Some(a), Some(b)) = (snmp_before, udp_snmp()) {
         r.details.insert("kernel_udp_rcvbuf_errors".into(), serde_json::json!(b.0.saturating_sub(a.0)));
         r.details.insert("kernel_udp_sndbuf_errors".into(), serde_json::json!(b.1.saturating_sub(a.1)));
     }

@@ -39,7 +39,7 @@ impl Dataset {
     }
 
     /// Messages posted by account `i`.
-    fn posts_of(&self, i: u64) -> u64 {
+    pub fn posts_of(&self, i: u64) -> u64 {
         self.messages / self.accounts + u64::from(i < self.messages % self.accounts)
     }
 }

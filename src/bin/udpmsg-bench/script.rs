@@ -6,7 +6,7 @@ use crate::sim::{Behavior, Sim};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
-use udpmsg::client::Event;
+use udpmsg::client::{Done, Event};
 use udpmsg::command::Command;
 use udpmsg::proto::ErrorCode;
 
@@ -30,6 +30,8 @@ pub struct Script {
     pub failed: u64,
     /// Latency of every command that succeeded (first submit to answer, retries included).
     pub hist: Histogram,
+    /// Per client, the answer to its last command that succeeded.
+    pub answers: Vec<Option<Done>>,
 }
 
 impl Script {
@@ -59,6 +61,7 @@ impl Script {
             failures: Vec::new(),
             failed: 0,
             hist: Histogram::default(),
+            answers: vec![None; n_clients],
         }
     }
 
@@ -112,8 +115,9 @@ impl Behavior for Script {
             return; // not ours (e.g. a push to a subscriber that is already set up)
         }
         match ev {
-            Event::Done(_) => {
+            Event::Done(done) => {
                 self.ok += 1;
+                self.answers[i] = Some(done);
                 if let Some(t) = self.started[i] {
                     self.hist.record(now - t);
                 }

@@ -1,4 +1,4 @@
-//! The five workloads: set-up, measured phase, figures.
+//! The workloads: set-up, measured phase, figures.
 
 use crate::behaviors::{Fanout, Idle, Posters, Storm, Subscribers};
 use crate::daemon::{log, rss_kib, CpuMeter, CpuUse, DaemonStats};
@@ -41,6 +41,11 @@ pub struct Opts {
     #[serde(skip)]
     pub drain: Duration,
     pub setup_window: usize,
+    /// Workload 6: accounts logged in, each retrieving `read_count` messages per round.
+    pub readers: usize,
+    pub read_count: u32,
+    /// Workload 6: retrieves in flight.
+    pub read_window: usize,
 }
 
 pub struct Ctx {
@@ -56,7 +61,7 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    fn hook(&self, cmd: &Option<String>) {
+    pub fn hook(&self, cmd: &Option<String>) {
         if let Some(cmd) = cmd {
             let mut c = std::process::Command::new("sh");
             c.arg("-c").arg(cmd).env("UDPMSG_BENCH_SERVER", self.server.to_string());
@@ -80,7 +85,7 @@ impl Ctx {
         Sim::new(self.server, cfg, self.salt).map_err(|e| format!("cannot set up the clients: {e}"))
     }
 
-    fn sim_with(&self, cfg: ClientConfig) -> Result<Sim, String> {
+    pub fn sim_with(&self, cfg: ClientConfig) -> Result<Sim, String> {
         Sim::new(self.server, ClientConfig { server: self.server, ..cfg }, self.salt)
             .map_err(|e| format!("cannot set up the clients: {e}"))
     }
@@ -146,12 +151,13 @@ pub fn name_of(id: u32) -> &'static str {
         3 => "fanout",
         4 => "fanout+login-storm",
         5 => "idle-sessions",
+        6 => "inbox-reads",
         _ => "?",
     }
 }
 
 /// Runs a set-up script to completion (bounded by `limit`); any failure is an error.
-fn setup(
+pub fn setup(
     sim: &mut Sim,
     what: &str,
     work: Vec<(usize, Vec<Command>)>,
@@ -177,11 +183,11 @@ fn register(user: &str) -> Command {
     Command::Register { user: user.to_string(), password: PASSWORD.to_string() }
 }
 
-fn login(user: &str) -> Command {
+pub fn login(user: &str) -> Command {
     Command::Login { user: user.to_string(), password: PASSWORD.to_string() }
 }
 
-fn base(id: u32, sim: &Sim, setup_seconds: f64) -> WorkloadResult {
+pub fn base(id: u32, sim: &Sim, setup_seconds: f64) -> WorkloadResult {
     WorkloadResult {
         setup_seconds,
         net: sim.net.clone(),
@@ -192,7 +198,7 @@ fn base(id: u32, sim: &Sim, setup_seconds: f64) -> WorkloadResult {
 }
 
 /// CPU used during the measured phase, in cores (2.0 = both cores of a 2-core machine busy).
-fn cpu_details(r: &mut WorkloadResult, cpu: CpuUse) {
+pub fn cpu_details(r: &mut WorkloadResult, cpu: CpuUse) {
     r.details.insert("cpu_bench_cores".into(), json!(cpu.bench_cores));
     r.details.insert("cpu_daemon_cores".into(), json!(cpu.daemon_cores));
     r.details.insert("cpu_other_cores".into(), json!(cpu.other_cores));
