@@ -176,7 +176,7 @@ fn measure(ctx: &Ctx, id: u32, d: &Dataset, window: usize) -> Result<WorkloadRes
     r.seconds = cold.seconds;
     r.throughput = cold.ok as f64 / cold.seconds;
     r.latency_of = "retrieve to answer, cold";
-    r.latency = cold.latency.clone();
+    r.latency = cold.latency;
     r.ceiling = "concurrent";
     cpu_details(&mut r, cpu_cold);
     if cold.wrong + warm.wrong + cold.failed + warm.failed > 0 {
