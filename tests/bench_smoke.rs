@@ -59,7 +59,7 @@ fn quick_bench_runs_every_workload_and_its_counts_add_up() {
 
     let ws = report["workloads"].as_array().expect("workloads");
     let ids: Vec<u64> = ws.iter().map(|w| u(w, "id")).collect();
-    assert_eq!(ids, [1, 2, 3, 4, 5]);
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6]);
     for w in ws {
         let id = u(w, "id");
         assert_eq!(w["ok"], true, "workload {id}: {w}");
@@ -111,6 +111,21 @@ fn quick_bench_runs_every_workload_and_its_counts_add_up() {
                 assert!(u(w, "daemon.commits") > 0, "{w}");
                 let opened: u64 = w["daemon"]["summary"]["opened"].as_str().unwrap().parse().unwrap();
                 assert_eq!(opened, u(d, "sessions"), "{w}");
+            }
+            6 => {
+                let readers = u(d, "readers");
+                assert_eq!(readers, u(w, "requested"), "{w}");
+                for round in ["cold", "warm"] {
+                    let r = &d[round];
+                    assert_eq!(u(r, "reads"), readers, "{round}: {w}");
+                    assert_eq!(u(r, "wrong") + u(r, "failed"), 0, "{round}: {w}");
+                    // Every inbox of the quick dataset holds more than one retrieve asks for.
+                    assert_eq!(u(r, "messages"), readers * u(d, "read_count"), "{round}: {w}");
+                    assert_eq!(u(r, "latency.count"), readers, "{round}: {w}");
+                }
+                assert!(d["start_seconds"].is_number() && d["rss_kib_at_end"].is_number(), "{w}");
+                let opened: u64 = w["daemon"]["summary"]["opened"].as_str().unwrap().parse().unwrap();
+                assert_eq!(opened, readers, "{w}");
             }
             _ => unreachable!(),
         }
