@@ -27,7 +27,13 @@
 //!   arrives.
 //! - A version notice counts only if it echoes the start of the request it answers; one that
 //!   does not (a v2 daemon's, or a forged one) is remembered and named only if no answer comes.
+//!
+//! Keepalives and probes are background requests: [`Client::is_ready`] is true while one is
+//! outstanding, and a command submitted then takes its place. [`Client::abandon`] gives up the
+//! command in flight (its late reply is ignored). Whether the server answers at all is tracked
+//! apart (see `contact.rs`): [`Event::Contact`] reports it lost and back.
 
+mod contact;
 mod push;
 
 use crate::command::Command;
@@ -36,6 +42,8 @@ use crate::proto::{
     self, ClientMsg, Cookie, ErrorCode, Message, Relation, Request, RequestBody, Response, ServerMsg, Token,
 };
 use crate::rtt::RttEstimator;
+use contact::Contact;
+pub use contact::ContactChange;
 use log::{debug, trace};
 use push::{PushOutcome, PushReceiver};
 use std::collections::VecDeque;
@@ -97,6 +105,11 @@ pub enum Event {
     Push(Message),
     /// A keepalive found the session gone (expired or revoked); the user must log in again.
     SessionLost { error: ErrorCode },
+    /// The kernel reported the command's datagram refused (ICMP port unreachable): nothing
+    /// listens at the server's address. Reported at once, without retrying.
+    Refused { command: &'static str, server: SocketAddr },
+    /// Whether the server answers changed (see `contact.rs`).
+    Contact { server: SocketAddr, change: ContactChange },
 }
 
 /// The client's states; see the module docs.
@@ -143,6 +156,8 @@ enum Op {
     Ping {
         user_asked: bool,
     },
+    /// A ping while contact is lost (or to find out whether it can be made): one try.
+    Probe,
     /// The ping that follows a successful login: the daemon pushes only to an address the
     /// token has come back from. The user hears "logged in" when it is answered.
     ConfirmLogin {
@@ -167,9 +182,14 @@ impl Op {
             Op::WhoAmI => "whoami",
             Op::Subscriptions { .. } => "subscriptions",
             Op::Delete => "delete",
-            Op::Ping { .. } => "ping",
+            Op::Ping { .. } | Op::Probe => "ping",
             Op::ConfirmLogin { .. } => "login",
         }
+    }
+
+    /// Keepalives and probes: nobody waits for them, and a command may take their place.
+    fn is_background(&self) -> bool {
+        matches!(self, Op::Ping { user_asked: false } | Op::Probe)
     }
 }
 
@@ -224,12 +244,14 @@ pub struct Client {
     early_pushes: Vec<Message>,
     /// Last time we sent anything; a keepalive goes out after `ping_interval` of silence.
     last_sent: Instant,
+    contact: Contact,
 }
 
 impl Client {
     /// `first_request_id` should be random so that a restarted client reusing its address is
     /// never mistaken for a retransmission of the previous one's requests.
     pub fn new(cfg: ClientConfig, server: SocketAddr, first_request_id: u64, now: Instant) -> Self {
+        let contact = Contact::new(Duration::from_secs(cfg.ping_interval_secs));
         Client {
             rtt: RttEstimator::new(cfg.request_rto()),
             cfg,
@@ -246,6 +268,7 @@ impl Client {
             pushes: PushReceiver::default(),
             early_pushes: Vec::new(),
             last_sent: now,
+            contact,
         }
     }
 
@@ -253,8 +276,80 @@ impl Client {
         self.state
     }
 
+    /// Whether a command may be submitted: nothing is outstanding but, perhaps, a keepalive or
+    /// probe (which the command replaces).
     pub fn is_ready(&self) -> bool {
-        self.state == State::Ready
+        self.state == State::Ready || self.pending.as_ref().is_some_and(|p| p.op.is_background())
+    }
+
+    /// Whether the server has ever answered this client.
+    pub fn has_had_contact(&self) -> bool {
+        self.contact.ever_answered()
+    }
+
+    /// Report [`Event::Contact`] changes from the start, including the first contact, and probe
+    /// the server now (the REPL does this instead of claiming contact it does not have).
+    pub fn watch_contact(&mut self, now: Instant) {
+        self.contact.watch(now);
+    }
+
+    /// Talk to `server` from now on (another address of the same name, when the first refused):
+    /// the request in flight, if any, goes there at once.
+    pub fn set_server(&mut self, now: Instant, server: SocketAddr) {
+        self.server = server;
+        if let Some(p) = &mut self.pending {
+            self.out.push_back(p.bytes.clone());
+            p.deadline = now + self.rtt.backoff(p.tries);
+            self.last_sent = now;
+        }
+    }
+
+    /// The kernel reported our datagrams refused: nothing listens at the server's address. The
+    /// command in flight fails at once with [`Event::Refused`].
+    pub fn connection_refused(&mut self, now: Instant) {
+        if let Some(p) = self.pending.take() {
+            debug!("{} #{}: refused", p.op.name(), p.id);
+            if !p.op.is_background() {
+                if let Op::ConfirmLogin { .. } = p.op {
+                    // The user is told the login failed: so it did.
+                    self.session = None;
+                }
+                self.events.push_back(Event::Refused { command: p.op.name(), server: self.server });
+            }
+            self.set_state(State::Ready);
+        }
+        self.silence(now, true);
+    }
+
+    /// Gives up the command in flight; returns its name. Its reply, should it still come, is
+    /// ignored; the daemon may have carried it out. A login whose address confirmation is in
+    /// flight has succeeded: it is reported as such instead.
+    pub fn abandon(&mut self, _now: Instant) -> Option<&'static str> {
+        let p = self.pending.take_if(|p| !p.op.is_background())?;
+        debug!("{} #{}: abandoned", p.op.name(), p.id);
+        let name = p.op.name();
+        let abandoned = match p.op {
+            Op::ConfirmLogin { user, missed, catching_up } => {
+                self.events.push_back(Event::Done(Done::LoggedIn { user, missed, catching_up }));
+                None
+            }
+            _ => Some(name),
+        };
+        self.set_state(State::Ready);
+        abandoned
+    }
+
+    /// Something that only the server could have sent came from it.
+    fn answered(&mut self) {
+        if let Some(change) = self.contact.answered() {
+            self.events.push_back(Event::Contact { server: self.server, change });
+        }
+    }
+
+    fn silence(&mut self, now: Instant, refused: bool) {
+        if let Some(change) = self.contact.silent(now, refused) {
+            self.events.push_back(Event::Contact { server: self.server, change });
+        }
     }
 
     /// The logged-in user, if any.
@@ -284,6 +379,13 @@ impl Client {
 
     /// Starts a command.
     pub fn submit(&mut self, now: Instant, cmd: Command) -> Result<(), SubmitError> {
+        if self.pending.as_ref().is_some_and(|p| p.op.is_background())
+            && !matches!(cmd, Command::Help | Command::Quit)
+        {
+            // The command does what the keepalive or probe was for.
+            self.pending = None;
+            self.set_state(State::Ready);
+        }
         if self.state != State::Ready {
             return Err(SubmitError::NotReady);
         }
@@ -362,10 +464,14 @@ impl Client {
             return;
         }
         let msg = match proto::decode_server(bytes) {
-            Ok(m) => m,
+            Ok(m) => {
+                self.answered();
+                m
+            }
             Err(proto::DecodeError::Version(v)) => {
                 let Some(p) = &mut self.pending else { return };
                 if proto::notice_answers(bytes, &p.bytes) {
+                    self.answered();
                     let p = self.pending.take().expect("checked");
                     self.events.push_back(Event::VersionMismatch { command: p.op.name(), server_version: v });
                     self.set_state(State::Ready);
@@ -447,7 +553,7 @@ impl Client {
             PushOutcome::Unconfirmed => {
                 // The daemon restarted (or someone forges pushes): ask it which epoch it is in.
                 self.want_epoch = true;
-                if self.is_ready() {
+                if self.state == State::Ready {
                     self.start(now, Op::Ping { user_asked: false }, RequestBody::Ping, now);
                 }
                 return;
@@ -520,7 +626,7 @@ impl Client {
                     && self.session.is_some()
                 {
                     self.session = None;
-                    if let Op::Ping { user_asked: false } = p.op {
+                    if p.op.is_background() {
                         self.events.push_back(Event::SessionLost { error });
                         self.set_state(State::Ready);
                         return;
@@ -596,6 +702,13 @@ impl Client {
                 self.confirm_epoch(epoch);
                 Done::LoggedIn { user, missed, catching_up }
             }
+            (Op::Probe, pong @ (Response::Pong | Response::SessionPong { .. })) => {
+                if let Response::SessionPong { epoch } = pong {
+                    self.confirm_epoch(epoch);
+                }
+                self.set_state(State::Ready);
+                return;
+            }
             (Op::Ping { user_asked }, pong @ (Response::Pong | Response::SessionPong { .. })) => {
                 if let Response::SessionPong { epoch } = pong {
                     self.confirm_epoch(epoch);
@@ -623,14 +736,22 @@ impl Client {
             if now < p.deadline {
                 return;
             }
-            if p.tries >= self.cfg.request_max_tries {
+            let max_tries = if let Op::Probe = p.op { 1 } else { self.cfg.request_max_tries };
+            if p.tries >= max_tries {
                 let p = self.pending.take().expect("checked");
                 debug!("{} #{}: no answer after {} tries", p.op.name(), p.id, p.tries);
                 if let Some(v) = p.notice {
                     // Only notices came back: most likely a daemon of another version that
                     // does not echo (v2).
                     self.events.push_back(Event::VersionMismatch { command: p.op.name(), server_version: v });
-                } else if !matches!(p.op, Op::Ping { user_asked: false }) {
+                    self.set_state(State::Ready);
+                    return;
+                }
+                if !p.op.is_background() {
+                    if let Op::ConfirmLogin { .. } = p.op {
+                        // The user is told the login failed: so it did.
+                        self.session = None;
+                    }
                     self.events.push_back(Event::NoAnswer {
                         command: p.op.name(),
                         server: self.server,
@@ -638,6 +759,7 @@ impl Client {
                     });
                 }
                 self.set_state(State::Ready);
+                self.silence(now, false);
                 return;
             }
             p.tries += 1;
@@ -651,6 +773,16 @@ impl Client {
             );
             self.out.push_back(p.bytes.clone());
             self.last_sent = now;
+            return;
+        }
+        if let Some(at) = self.contact.probe_due(self.session.is_some()) {
+            if now >= at {
+                let wait = self.contact.probe_sent();
+                self.start(now, Op::Probe, RequestBody::Ping, now);
+                if let Some(p) = &mut self.pending {
+                    p.deadline = now + wait;
+                }
+            }
             return;
         }
         if self.session.is_some() && (self.want_epoch || now >= self.last_sent + self.ping_interval()) {
@@ -685,9 +817,14 @@ impl Client {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match &self.pending {
             Some(p) => Some(p.deadline),
-            None if self.session.is_some() && self.want_epoch => Some(self.last_sent),
-            None if self.session.is_some() => Some(self.last_sent + self.ping_interval()),
-            None => None,
+            None => match self.contact.probe_due(self.session.is_some()) {
+                Some(at) => Some(at),
+                None if self.session.is_some() && self.want_epoch => Some(self.last_sent),
+                None if self.session.is_some() && !self.contact.is_lost() => {
+                    Some(self.last_sent + self.ping_interval())
+                }
+                None => None,
+            },
         }
     }
 }

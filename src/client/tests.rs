@@ -323,3 +323,186 @@ fn a_batch_of_pushes_is_shown_in_order_and_acked_in_one_datagram() {
     c.handle(t0, addr(), &encode_server(&other));
     assert!(sent(&mut c).is_empty() && c.poll_event().is_none());
 }
+
+fn request(msgs: Vec<ClientMsg>) -> Request {
+    match <[ClientMsg; 1]>::try_from(msgs) {
+        Ok([ClientMsg::Request(r)]) => r,
+        Ok(other) => panic!("{other:?}"),
+        Err(v) => panic!("expected one request, got {v:?}"),
+    }
+}
+
+#[test]
+fn refused_fails_the_command_at_once() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    c.submit(t0, Command::Ping).unwrap();
+    sent(&mut c);
+    c.connection_refused(t0);
+    assert_eq!(c.poll_event(), Some(Event::Refused { command: "ping", server: addr() }));
+    assert_eq!(c.poll_event(), None, "never answered: no contact to lose");
+    assert!(c.is_ready());
+    assert_eq!(c.poll_timeout(), None, "no retransmission, nothing to keep alive");
+}
+
+#[test]
+fn a_silent_keepalive_loses_contact_and_probes_find_it_again() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let mut c = client(t0);
+    let token = login(&mut c, t0);
+    // The keepalive goes unanswered through all its tries (1 + 2 + 4 + 8 s).
+    c.handle_timeout(t0 + s(30));
+    let r = request(sent(&mut c));
+    assert_eq!(r.body, RequestBody::Ping);
+    assert!(c.is_ready(), "a keepalive does not hold up commands");
+    for at in [31, 33, 37] {
+        c.handle_timeout(t0 + s(at));
+        assert_eq!(request(sent(&mut c)).id, r.id, "retransmission at {at}");
+    }
+    assert_eq!(c.poll_event(), None);
+    c.handle_timeout(t0 + s(45));
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Contact { server: addr(), change: ContactChange::Lost { refused: false } })
+    );
+    assert_eq!(c.poll_event(), None, "no error for a command nobody typed");
+    // Probes: one second later, then waits that double (1, 2, 4 ...).
+    assert_eq!(c.poll_timeout(), Some(t0 + s(46)));
+    c.handle_timeout(t0 + s(46));
+    let p1 = request(sent(&mut c));
+    assert_eq!((p1.body, p1.token), (RequestBody::Ping, Some(token)));
+    assert_eq!(c.poll_timeout(), Some(t0 + s(47)), "a probe waits one second, with one try");
+    c.handle_timeout(t0 + s(47));
+    assert!(sent(&mut c).is_empty());
+    assert_eq!(c.poll_event(), None, "lost is said once");
+    assert_eq!(c.poll_timeout(), Some(t0 + s(49)));
+    c.handle_timeout(t0 + s(49));
+    let p2 = request(sent(&mut c));
+    assert_ne!(p2.id, p1.id);
+    // The daemon is back: the probe's answer restores contact.
+    reply(&mut c, t0 + s(49), p2.id, Ok(Response::SessionPong { epoch: 1 }));
+    assert_eq!(c.poll_event(), Some(Event::Contact { server: addr(), change: ContactChange::Reconnected }));
+    assert_eq!(c.poll_event(), None);
+    assert_eq!(c.poll_timeout(), Some(t0 + s(79)), "back to keepalives");
+}
+
+#[test]
+fn a_refused_keepalive_loses_contact_at_once() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let mut c = client(t0);
+    let _ = login(&mut c, t0);
+    c.handle_timeout(t0 + s(30));
+    sent(&mut c);
+    c.connection_refused(t0 + s(30));
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Contact { server: addr(), change: ContactChange::Lost { refused: true } })
+    );
+    assert_eq!(c.poll_event(), None);
+    assert_eq!(c.poll_timeout(), Some(t0 + s(31)));
+    // A command typed meanwhile is answered: that is contact too.
+    c.submit(t0 + s(30), Command::WhoAmI).unwrap();
+    let r = request(sent(&mut c));
+    reply(&mut c, t0 + s(30), r.id, Ok(Response::Me { user: "alice".into(), sessions: 1 }));
+    assert_eq!(c.poll_event(), Some(Event::Contact { server: addr(), change: ContactChange::Reconnected }));
+    assert_eq!(c.poll_event(), Some(Event::Done(Done::Me { user: "alice".into(), sessions: 1 })));
+}
+
+#[test]
+fn a_command_takes_the_place_of_a_keepalive() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let mut c = client(t0);
+    let _ = login(&mut c, t0);
+    c.handle_timeout(t0 + s(30));
+    let keepalive = request(sent(&mut c));
+    assert!(c.is_ready());
+    c.submit(t0 + s(30), Command::Post { text: "hi".into() }).unwrap();
+    let post = request(sent(&mut c));
+    assert_eq!(post.body, RequestBody::Post { text: "hi".into() });
+    // The keepalive's late answer is ignored; the post's is not.
+    reply(&mut c, t0 + s(30), keepalive.id, Ok(Response::SessionPong { epoch: 1 }));
+    assert_eq!(c.poll_event(), None);
+    assert!(!c.is_ready());
+    reply(&mut c, t0 + s(30), post.id, Ok(Response::Posted { id: 1, recipients: 0 }));
+    assert_eq!(c.poll_event(), Some(Event::Done(Done::Posted { id: 1, recipients: 0 })));
+}
+
+#[test]
+fn abandon_gives_the_client_back_and_ignores_the_late_reply() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    c.submit(t0, Command::Ping).unwrap();
+    let r = request(sent(&mut c));
+    assert!(!c.is_ready());
+    assert_eq!(c.abandon(t0), Some("ping"));
+    assert!(c.is_ready());
+    assert_eq!(c.poll_timeout(), None, "no retransmission of an abandoned request");
+    assert_eq!(c.abandon(t0), None, "nothing left to abandon");
+    reply(&mut c, t0, r.id, Ok(Response::Pong));
+    assert_eq!(c.poll_event(), None);
+}
+
+#[test]
+fn abandoning_a_confirmed_login_reports_the_login() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    c.submit(t0, Command::Login { user: "alice".into(), password: "pw".into() }).unwrap();
+    let r = request(sent(&mut c));
+    reply(
+        &mut c,
+        t0,
+        r.id,
+        Ok(Response::LoggedIn { token: Token([7; 16]), missed: 0, catching_up: 0, epoch: 1 }),
+    );
+    sent(&mut c);
+    assert_eq!(c.abandon(t0), None, "the daemon accepted the login: it stands");
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Done(Done::LoggedIn { user: "alice".into(), missed: 0, catching_up: 0 }))
+    );
+    assert_eq!(c.user(), Some("alice"));
+}
+
+#[test]
+fn watching_reports_the_first_contact_or_its_absence() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let mut c = client(t0);
+    c.watch_contact(t0);
+    assert_eq!(c.poll_timeout(), Some(t0));
+    c.handle_timeout(t0);
+    let probe = request(sent(&mut c));
+    assert_eq!((probe.body, probe.token), (RequestBody::Ping, None));
+    c.handle_timeout(t0 + s(1));
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Contact { server: addr(), change: ContactChange::Lost { refused: false } })
+    );
+    assert!(!c.has_had_contact());
+    c.handle_timeout(t0 + s(3));
+    let probe = request(sent(&mut c));
+    reply(&mut c, t0 + s(3), probe.id, Ok(Response::Pong));
+    assert_eq!(c.poll_event(), Some(Event::Contact { server: addr(), change: ContactChange::Connected }));
+    assert!(c.has_had_contact());
+    assert_eq!(c.poll_timeout(), None, "not logged in: nothing to keep alive");
+}
+
+#[test]
+fn a_new_server_address_gets_the_request_in_flight_at_once() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    c.submit(t0, Command::Ping).unwrap();
+    let first = request(sent(&mut c));
+    let other: SocketAddr = "127.0.0.2:7070".parse().unwrap();
+    c.set_server(t0, other);
+    assert_eq!(request(sent(&mut c)).id, first.id);
+    assert_eq!(c.server(), other);
+    // Answers now come from there (and only from there).
+    c.handle(t0, addr(), &encode_server(&ServerMsg::Reply { id: first.id, result: Ok(Response::Pong) }));
+    assert_eq!(c.poll_event(), None);
+    c.handle(t0, other, &encode_server(&ServerMsg::Reply { id: first.id, result: Ok(Response::Pong) }));
+    assert!(matches!(c.poll_event(), Some(Event::Done(Done::Pong { .. }))));
+}

@@ -152,7 +152,13 @@ impl Behavior for Script {
                 self.queues[i].clear();
                 self.next(sim, i, now);
             }
-            Event::Push(_) => {}
+            Event::Refused { command, server } => {
+                self.fail(format!("{command}: nothing listens at {server}"));
+                self.queues[i].clear();
+                self.next(sim, i, now);
+            }
+            // Pushes, and the contact changes that the retries above already deal with.
+            Event::Push(_) | Event::Contact { .. } => {}
         }
     }
 

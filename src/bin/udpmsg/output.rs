@@ -64,6 +64,14 @@ pub fn human(e: &Event) -> Rendered {
             udpmsg::proto::VERSION
         )),
         Event::SessionLost { error } => fail(format!("{error}")),
+        Event::Refused { command, server } => {
+            fail(format!("error: {command}: nothing listens at {server} (connection refused)"))
+        }
+        Event::Contact { server, change } => match change {
+            udpmsg::client::ContactChange::Lost { .. } => fail(format!("lost contact with {server}")),
+            udpmsg::client::ContactChange::Connected => ok(format!("connected to {server}")),
+            udpmsg::client::ContactChange::Reconnected => ok(format!("reconnected to {server}")),
+        },
     }
 }
 
@@ -128,6 +136,13 @@ pub fn json(e: &Event) -> Value {
             v["type"] = "session_lost".into();
             v
         }
+        Event::Refused { command, server } => json!({
+            "type": "error", "command": command, "code": "Refused",
+            "message": format!("nothing listens at {server} (connection refused)"),
+        }),
+        Event::Contact { server, change } => json!({
+            "type": "contact", "server": server.to_string(), "change": format!("{change:?}"),
+        }),
     }
 }
 
