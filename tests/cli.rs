@@ -364,7 +364,14 @@ fn server_errors_as_the_user_sees_them() {
     expect_error(a, &[], &[], &format!("register#{}&secret", "x".repeat(33)), bad_name);
     let bad_password = "error: invalid password: 4 to 128 bytes";
     expect_error(a, &[], &[], "register#dave&abc", bad_password);
-    expect_error(a, &[], &[], &format!("register#dave&{}", "p".repeat(129)), bad_password);
+    // Over the protocol's limit, the client refuses it itself.
+    expect_error(
+        a,
+        &[],
+        &[],
+        &format!("register#dave&{}", "p".repeat(129)),
+        "error: password too long: 129 bytes, at most 128",
+    );
     // Names and passwords at the limits are fine.
     register(a, &"n".repeat(32), "abcd");
     register(a, "a.b-c_9", &"p".repeat(128));
@@ -414,11 +421,10 @@ fn usage_errors_as_the_user_sees_them() {
     let a = d.addr;
     let unknown = |name: &str| format!("unknown command '{name}': type help for the list of commands");
     expect_error(a, &[], &[], "frobnicate#x", &unknown("frobnicate"));
-    // Exact names only: no prefixes, no extensions.
-    expect_error(a, &[], &[], "posting#x", &unknown("posting"));
-    expect_error(a, &[], &[], "pos#x", &unknown("pos"));
-    expect_error(a, &[], &[], "logoutx", &unknown("logoutx"));
-    expect_error(a, &[], &[], "Ping", &unknown("Ping"));
+    // No prefixes, no extensions; a near miss gets the likely name.
+    expect_error(a, &[], &[], "posting#x", "unknown command 'posting': did you mean post?");
+    expect_error(a, &[], &[], "logoutx", "unknown command 'logoutx': did you mean logout?");
+    expect_error(a, &[], &[], "loign#alice&secret", "unknown command 'loign': did you mean login?");
     // Missing or extra arguments give the usage line.
     expect_error(a, &[], &[], "login#alice", "usage: login#USER&PASSWORD");
     expect_error(a, &[], &[], "login#alice&", "usage: login#USER&PASSWORD");
@@ -428,6 +434,15 @@ fn usage_errors_as_the_user_sees_them() {
     expect_error(a, &[], &[], "retrieve#ten", "usage: retrieve#N");
     expect_error(a, &[], &[], "retrieve#-1", "usage: retrieve#N");
     expect_error(a, &[], &[], "logout#now", "usage: logout");
+    // Words instead of # and &: the right syntax, never the password.
+    expect_error(
+        a,
+        &[],
+        &[],
+        "login alice secret",
+        "usage: login#USER&PASSWORD (did you mean login#alice&...?)",
+    );
+    expect_error(a, &[], &[], "post hi", "usage: post#TEXT (did you mean post#hi?)");
 
     // A usage error does not stop the script: later commands still run.
     let out = script(a, &["frobnicate", "ping"]);
@@ -439,9 +454,55 @@ fn usage_errors_as_the_user_sees_them() {
     // Blank commands are ignored; help goes to stdout and is not a failure.
     let out = script(a, &["", "   ", "help"]);
     assert_eq!(out.code, Some(0), "{out:#?}");
-    assert_eq!(out.stdout.first().map(String::as_str), Some("commands:"), "{out:#?}");
+    assert_eq!(out.stdout.first().map(String::as_str), Some("commands (names in any case):"), "{out:#?}");
     assert!(out.stdout.iter().any(|l| l.contains("login#USER&PASSWORD")), "{out:#?}");
     assert!(out.stderr.is_empty(), "{out:#?}");
+}
+
+/// Names in any case, spaces around them, and stray spaces after user names, numbers and
+/// patterns: the command runs as meant.
+#[test]
+fn commands_in_any_case_and_with_stray_spaces() {
+    let d = daemon();
+    register(d.addr, "alice", "secret");
+    register(d.addr, "bob", "hunter22");
+    let out = script_ok(
+        d.addr,
+        &["Login#alice&secret", "SUBSCRIBE#bob ", " whoami", "users #b* ", "Retrieve# 3 ", "Ping"],
+    );
+    assert_eq!(out.len(), 6, "{out:#?}");
+    assert_eq!(out[1], "subscribed to bob");
+    assert_eq!(out[2], "alice (1 session(s))");
+    assert_eq!(out[3], "bob");
+    assert_eq!(out[4], "no messages");
+    assert!(out[5].starts_with("pong in "), "{out:#?}");
+}
+
+/// A text the daemon could not decode (over the protocol's 1024 bytes, so over one datagram) is
+/// refused before anything is sent, with its size, instead of "no answer" six seconds later.
+#[test]
+fn oversize_text_is_refused_by_the_client() {
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    for (line, error) in [
+        (format!("post#{}", "x".repeat(1190)), "error: text too long: 1190 bytes, at most 1024"),
+        (format!("post#{}", "x".repeat(1200)), "error: text too long: 1200 bytes, at most 1024"),
+        (format!("post#{}", "😀".repeat(300)), "error: text too long: 1200 bytes, at most 1024"),
+        (format!("send#bob&{}", "x".repeat(1100)), "error: text too long: 1100 bytes, at most 1024"),
+        (
+            format!("subscribe#{}", "b".repeat(40)),
+            "error: invalid name: 1 to 32 characters from A-Z a-z 0-9 _ . -",
+        ),
+    ] {
+        let start = Instant::now();
+        let out = run_client(addr, &[&line], "");
+        assert_eq!(out.code, Some(1), "{out:#?}");
+        assert_eq!(out.stderr, vec![error.to_string()]);
+        assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    }
+    silent.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(silent.recv_from(&mut buf).is_err(), "nothing may be sent for a refused line");
 }
 
 // -------------------------------------------------------------------------------- 5. --json
@@ -500,18 +561,17 @@ fn json_output_is_one_object_per_line() {
     alice.send("post#");
     let v = wait_json(&mut alice.stdout, "alice", |v| v["code"] == "Usage");
     assert_eq!(v["type"], "error", "{v}");
-    assert_eq!(v["command"], Value::Null, "{v}");
+    assert_eq!(v["command"], "post", "{v}");
     assert_eq!(v["message"], "usage: post#TEXT", "{v}");
     alice.send("frobnicate");
-    let v = wait_json(&mut alice.stdout, "alice", |v| {
-        v["code"] == "Usage" && v["message"].as_str().is_some_and(|m| m.contains("frobnicate"))
-    });
+    let v = wait_json(&mut alice.stdout, "alice", |v| v["code"] == "UnknownCommand");
+    assert_eq!(v["command"], Value::Null, "{v}");
     assert_eq!(v["message"], "unknown command 'frobnicate': type help for the list of commands");
     alice.send("logout");
     wait_json(&mut alice.stdout, "alice", |v| v["command"] == "logout" && v["type"] == "ok");
     alice.send("post#x");
-    let v = wait_json(&mut alice.stdout, "alice", |v| v["command"] == "post" && v["type"] == "error");
-    assert_eq!(v["code"], "NotLoggedIn", "{v}");
+    let v = wait_json(&mut alice.stdout, "alice", |v| v["command"] == "post" && v["code"] == "NotLoggedIn");
+    assert_eq!(v["type"], "error", "{v}");
     assert_eq!(v["message"], "not logged in: use login#USER&PASSWORD first", "{v}");
 
     assert_eq!(quit(&mut alice), Some(1));

@@ -182,7 +182,7 @@ fn type_ahead_is_not_lost() {
     for round in 1..=3 {
         // One burst: both lines reach the terminal before the client has read the first.
         t.keys(&["ping", "Enter", "help", "Enter"]);
-        t.wait_count("commands:", round);
+        t.wait_count("commands (names in any case):", round);
         let s = t.wait(&format!("round {round}: a pong"), |s| {
             s.iter().filter(|l| l.starts_with("pong in ")).count() >= round
         });

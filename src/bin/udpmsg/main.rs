@@ -125,11 +125,11 @@ impl Out {
         }
     }
 
-    fn usage(&mut self, msg: &str) {
+    fn usage(&mut self, e: &command::ParseError) {
         if self.json {
-            self.line(&output::usage_json(msg).to_string(), true);
+            self.line(&output::parse_error_json(e).to_string(), true);
         } else {
-            self.line(msg, true);
+            self.line(&output::parse_error(e), true);
         }
     }
 }

@@ -146,7 +146,16 @@ pub fn json(e: &Event) -> Value {
     }
 }
 
-/// A usage or input problem found before anything was sent.
-pub fn usage_json(line_error: &str) -> Value {
-    json!({ "type": "error", "command": null, "code": "Usage", "message": line_error })
+/// A line that is not a command the daemon could take; nothing was sent. A usage line as it
+/// is; a broken limit as the daemon's error would read.
+pub fn parse_error(e: &udpmsg::command::ParseError) -> String {
+    match e.code {
+        "Usage" | "UnknownCommand" => e.message.clone(),
+        _ => format!("error: {}", e.message),
+    }
+}
+
+/// A line that is not a command the daemon could take; nothing was sent.
+pub fn parse_error_json(e: &udpmsg::command::ParseError) -> Value {
+    json!({ "type": "error", "command": e.command, "code": e.code, "message": e.message })
 }
