@@ -12,6 +12,55 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The port of `server` and `listen` when the address names none.
+pub const DEFAULT_PORT: u16 = 7070;
+
+/// Splits an address as users write it into host and port: `host`, `host:port`, an IPv4
+/// address with or without a port, an IPv6 address bare (`::1`) or in brackets (`[::1]`,
+/// `[::1]:7070`). Without a port, [`DEFAULT_PORT`]. The host is not resolved here.
+pub fn split_host_port(spec: &str) -> Result<(String, u16), String> {
+    let spec = spec.trim();
+    let bad = |why: &str| Err(format!("invalid address \"{spec}\": {why}"));
+    if spec.is_empty() {
+        return bad("empty");
+    }
+    if let Ok(sa) = spec.parse::<SocketAddr>() {
+        return Ok((sa.ip().to_string(), sa.port()));
+    }
+    if let Ok(ip) = spec.parse::<std::net::IpAddr>() {
+        return Ok((ip.to_string(), DEFAULT_PORT));
+    }
+    let (host, port) = if let Some(inner) = spec.strip_prefix('[') {
+        let Some((host, after)) = inner.split_once(']') else { return bad("no closing ]") };
+        if host.parse::<std::net::Ipv6Addr>().is_err() {
+            return bad("not an IPv6 address in [ ]");
+        }
+        match after {
+            "" => (host, None),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (host, Some(p)),
+                None => return bad("expected :PORT after ]"),
+            },
+        }
+    } else {
+        match spec.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (spec, None),
+        }
+    };
+    if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == ':' && !spec.starts_with('[')) {
+        return bad("expected HOST or HOST:PORT");
+    }
+    let port = match port {
+        None => DEFAULT_PORT,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) => p,
+            Err(_) => return bad("the port must be a number from 0 to 65535"),
+        },
+    };
+    Ok((host.to_string(), port))
+}
+
 /// A configuration problem, reported before anything is bound or opened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -307,8 +356,10 @@ impl ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientConfig {
-    /// The daemon's address.
-    pub server: SocketAddr,
+    /// The daemon's address: `HOST` or `HOST:PORT` (a name or an IP address; the port defaults
+    /// to 7070). The client resolves it and tries each address the name has until one does not
+    /// refuse.
+    pub server: String,
     /// First request timeout before any RTT sample; its floor and cap (RFC 6298 style).
     pub request_initial_timeout_ms: u64,
     pub request_min_timeout_ms: u64,
@@ -323,7 +374,7 @@ pub struct ClientConfig {
 impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
-            server: "127.0.0.1:7070".parse().expect("valid literal"),
+            server: "127.0.0.1:7070".into(),
             request_initial_timeout_ms: 1000,
             request_min_timeout_ms: 200,
             request_max_timeout_ms: 8000,
@@ -335,6 +386,7 @@ impl Default for ClientConfig {
 
 impl ClientConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
+        split_host_port(&self.server).map_err(|e| ConfigError(format!("{e} for `server`")))?;
         range("request_initial_timeout_ms", self.request_initial_timeout_ms, 10, 60_000)?;
         range("request_min_timeout_ms", self.request_min_timeout_ms, 1, 60_000)?;
         range("request_max_timeout_ms", self.request_max_timeout_ms, 10, 600_000)?;
@@ -427,15 +479,21 @@ impl Layered {
     }
 }
 
+/// Turns a host and port into a socket address: the binary's name resolution (the library does
+/// no I/O). `Err` says why, e.g. the resolver's message.
+pub type Resolve<'a> = &'a dyn Fn(&str, u16) -> Result<SocketAddr, String>;
+
 /// Builds the daemon's configuration: command line > environment > file > defaults. `env` is the
-/// process environment (only `UDPMSG_*` variables are looked at; an unknown one is an error, as
-/// an unknown key in the file is); `cli` holds the command-line overrides as TOML values. The
-/// result is validated.
+/// process environment (only `UDPMSG_*` variables are looked at; one that names no setting is
+/// ignored and listed in `ignored_env`); `cli` holds the command-line overrides as TOML values.
+/// A `listen` that is not a socket address (`localhost:7070`, `chat.example.org`) goes through
+/// `resolve`. The result is validated.
 pub fn layered_server(
     path: &Path,
     explicit: bool,
     env: impl IntoIterator<Item = (String, String)>,
     cli: toml::Table,
+    resolve: Resolve<'_>,
 ) -> Result<Layered, ConfigError> {
     let defaults = toml::Table::try_from(ServerConfig::default()).expect("config serializes");
     let mut merged = defaults.clone();
@@ -482,6 +540,17 @@ pub fn layered_server(
     for (k, v) in cli {
         sources.insert(k.clone(), Source::CommandLine);
         merged.insert(k, v);
+    }
+    if let Some(toml::Value::String(listen)) = merged.get("listen") {
+        if listen.parse::<SocketAddr>().is_err() {
+            let from = sources.get("listen").cloned().unwrap_or(Source::Default);
+            let (host, port) = split_host_port(listen)
+                .map_err(|e| ConfigError(format!("{e} for `listen` (from {from})")))?;
+            let addr = resolve(&host, port).map_err(|e| {
+                ConfigError(format!("cannot resolve `listen` \"{listen}\" (from {from}): {e}"))
+            })?;
+            merged.insert("listen".into(), toml::Value::String(addr.to_string()));
+        }
     }
     let config: ServerConfig = merged.try_into().map_err(|e: toml::de::Error| {
         // Name the layer the bad value came from.
@@ -559,7 +628,7 @@ mod tests {
         ];
         let mut cli = toml::Table::new();
         cli.insert("listen".into(), toml::Value::String("127.0.0.1:3".into()));
-        let l = layered_server(&path, true, env, cli).unwrap();
+        let l = layered_server(&path, true, env, cli, &no_dns).unwrap();
         assert_eq!(l.config.max_text_bytes, 500);
         assert_eq!(l.config.max_retrieve, 60);
         assert_eq!(l.config.listen, "127.0.0.1:3".parse().unwrap());
@@ -570,17 +639,73 @@ mod tests {
         let printed = l.render();
         assert!(printed.contains("max_retrieve = 60  # environment UDPMSG_MAX_RETRIEVE"), "{printed}");
 
-        let bad =
-            layered_server(&path, true, vec![("UDPMSG_MAX_RETRIEVE".into(), "0".into())], toml::Table::new());
+        let bad = layered_server(
+            &path,
+            true,
+            vec![("UDPMSG_MAX_RETRIEVE".into(), "0".into())],
+            toml::Table::new(),
+            &no_dns,
+        );
         let e = bad.unwrap_err().0;
         assert!(e.contains("max_retrieve") && e.contains("UDPMSG_MAX_RETRIEVE"), "{e}");
-        let unknown =
-            layered_server(&path, true, vec![("UDPMSG_PORT".into(), "udp://x".into())], toml::Table::new());
+        let unknown = layered_server(
+            &path,
+            true,
+            vec![("UDPMSG_PORT".into(), "udp://x".into())],
+            toml::Table::new(),
+            &no_dns,
+        );
         assert_eq!(unknown.unwrap().ignored_env, vec!["UDPMSG_PORT"], "ignored with a warning, not fatal");
         std::fs::write(&path, "lisen = 1\n").unwrap();
-        let e = layered_server(&path, true, Vec::new(), toml::Table::new()).unwrap_err().0;
+        let e = layered_server(&path, true, Vec::new(), toml::Table::new(), &no_dns).unwrap_err().0;
         assert!(e.contains("lisen") && e.contains("server.toml"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn no_dns(host: &str, _port: u16) -> Result<SocketAddr, String> {
+        panic!("nothing to resolve, yet asked for {host}")
+    }
+
+    #[test]
+    fn host_and_port_as_users_write_them() {
+        let ok = |s: &str| split_host_port(s).unwrap();
+        assert_eq!(ok("localhost:7070"), ("localhost".into(), 7070));
+        assert_eq!(ok("chat.example.org"), ("chat.example.org".into(), DEFAULT_PORT));
+        assert_eq!(ok("127.0.0.1"), ("127.0.0.1".into(), DEFAULT_PORT));
+        assert_eq!(ok("127.0.0.1:9"), ("127.0.0.1".into(), 9));
+        assert_eq!(ok("::1"), ("::1".into(), DEFAULT_PORT));
+        assert_eq!(ok("[::1]"), ("::1".into(), DEFAULT_PORT));
+        assert_eq!(ok("[::1]:9"), ("::1".into(), 9));
+        assert_eq!(ok(" localhost "), ("localhost".into(), DEFAULT_PORT));
+        for bad in ["", "host:port", "host:70000", "a b", "[::1", "[x]:1", "[::1]x", "a:b:c"] {
+            assert!(split_host_port(bad).is_err(), "{bad:?}");
+        }
+        let cfg: ClientConfig = parse("server = \"localhost\"", "c.toml").unwrap();
+        cfg.validate().unwrap();
+        let cfg: ClientConfig = parse("server = \"localhost:x\"", "c.toml").unwrap();
+        let e = cfg.validate().unwrap_err().0;
+        assert!(e.contains("`server`") && e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn listen_names_are_resolved_by_the_caller() {
+        let mut cli = toml::Table::new();
+        cli.insert("listen".into(), toml::Value::String("localhost".into()));
+        let resolve = |host: &str, port: u16| -> Result<SocketAddr, String> {
+            assert_eq!((host, port), ("localhost", DEFAULT_PORT));
+            Ok("127.0.0.1:7070".parse().unwrap())
+        };
+        let l = layered_server(Path::new("/nonexistent/s.toml"), false, Vec::new(), cli, &resolve).unwrap();
+        assert_eq!(l.config.listen, "127.0.0.1:7070".parse().unwrap());
+        let env = vec![("UDPMSG_LISTEN".to_string(), "nowhere.invalid:1".to_string())];
+        let fail = |_: &str, _: u16| -> Result<SocketAddr, String> { Err("no such host".into()) };
+        let e = layered_server(Path::new("/nonexistent/s.toml"), false, env, toml::Table::new(), &fail)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.contains("nowhere.invalid") && e.contains("UDPMSG_LISTEN") && e.contains("no such host"),
+            "{e}"
+        );
     }
 
     #[test]

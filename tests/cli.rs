@@ -993,3 +993,65 @@ fn daemon_starts_on_defaults_without_a_config_file() {
     }
     assert!(status.is_some_and(|s| s.success()), "status {status:?}");
 }
+
+// ------------------------------------------------------------------------ 12. addresses
+
+/// `--server`, `server` in client.toml and `--listen` take names and default the port to 7070,
+/// instead of being refused as invalid socket addresses.
+#[test]
+fn addresses_take_names_and_a_default_port() {
+    let dir = TempDir::new("names");
+    let mut child = common::daemon_command("udpmsgd")
+        .args(["--listen", "localhost:0", "--data-dir", "data"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn udpmsgd");
+    let mut stdout = Lines::new(child.stdout.take().unwrap());
+    let line = stdout.wait_for(Duration::from_secs(20), |l| l.starts_with("listening on "));
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = line.expect("udpmsgd --listen localhost:0 listens");
+    assert!(line.starts_with("listening on 127.0.0.1:"), "{line}");
+
+    let d = daemon();
+    let port = d.addr.port();
+    let t = Duration::from_secs(10);
+    let e = run_bin("udpmsg", &["--server", &format!("localhost:{port}"), "ping"], dir.path(), None, t);
+    assert_eq!(e.code, Some(0), "{e:#?}");
+    assert!(e.stdout.starts_with("pong in "), "{e:#?}");
+    std::fs::write(dir.path().join("client.toml"), format!("server = \"localhost:{port}\"\n")).unwrap();
+    let e = run_bin("udpmsg", &["ping"], dir.path(), None, t);
+    assert_eq!(e.code, Some(0), "client.toml server = localhost:PORT: {e:#?}");
+
+    // Without a port: 7070. Shown with a stand-in daemon there, when the port is free here.
+    std::fs::write(dir.path().join("client.toml"), "server = \"localhost\"\nrequest_max_tries = 1\n")
+        .unwrap();
+    match UdpSocket::bind("127.0.0.1:7070") {
+        Ok(fake) => {
+            fake.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let client = thread::spawn({
+                let dir = dir.path().to_path_buf();
+                move || run_bin("udpmsg", &["ping"], &dir, None, Duration::from_secs(10))
+            });
+            let mut buf = [0u8; 2048];
+            let got = fake.recv_from(&mut buf);
+            assert!(got.is_ok_and(|(n, _)| buf[..n].starts_with(b"UM")), "nothing came to 127.0.0.1:7070");
+            let _ = client.join();
+        }
+        Err(e) => eprintln!(
+            "note: 127.0.0.1:7070 is taken here ({e}); the default port is shown by unit tests only"
+        ),
+    }
+
+    // What is not an address is a configuration error naming the flag.
+    let e = run_bin("udpmsg", &["--server", "localhost:port", "ping"], dir.path(), None, t);
+    assert_eq!(e.code, Some(2), "{e:#?}");
+    assert!(e.stderr.contains("--server") && e.stderr.contains("localhost:port"), "{e:#?}");
+    let e = run_bin("udpmsg", &["--server", "no-such-host.invalid", "ping"], dir.path(), None, t);
+    assert_eq!(e.code, Some(1), "{e:#?}");
+    assert!(e.stderr.contains("cannot resolve no-such-host.invalid"), "{e:#?}");
+}

@@ -211,7 +211,8 @@ pub fn populate(server: SocketAddr, d: &Dataset, window: usize, salt: u64) -> Re
     if d.accounts == 0 {
         return Err("--accounts must be at least 1".into());
     }
-    let cfg = ClientConfig { server, ping_interval_secs: 86_400, ..ClientConfig::default() };
+    let cfg =
+        ClientConfig { server: server.to_string(), ping_interval_secs: 86_400, ..ClientConfig::default() };
     for phase in [Phase::Register, Phase::Follow, Phase::Post] {
         let mut sim = Sim::new(server, cfg.clone(), salt).map_err(|e| e.to_string())?;
         let now = Instant::now();

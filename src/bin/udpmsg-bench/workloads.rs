@@ -81,12 +81,12 @@ impl Ctx {
     }
 
     fn sim(&self) -> Result<Sim, String> {
-        let cfg = ClientConfig { server: self.server, ..ClientConfig::default() };
+        let cfg = ClientConfig { server: self.server.to_string(), ..ClientConfig::default() };
         Sim::new(self.server, cfg, self.salt).map_err(|e| format!("cannot set up the clients: {e}"))
     }
 
     pub fn sim_with(&self, cfg: ClientConfig) -> Result<Sim, String> {
-        Sim::new(self.server, ClientConfig { server: self.server, ..cfg }, self.salt)
+        Sim::new(self.server, ClientConfig { server: self.server.to_string(), ..cfg }, self.salt)
             .map_err(|e| format!("cannot set up the clients: {e}"))
     }
 }

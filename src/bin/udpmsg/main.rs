@@ -34,9 +34,10 @@ struct Args {
     /// it exists, and the built-in defaults otherwise.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// The daemon's address (overrides `server` in the config).
+    /// The daemon's address (overrides `server` in the config): HOST[:PORT], a name or an IP
+    /// address; the port defaults to 7070.
     #[arg(long, value_name = "ADDR")]
-    server: Option<SocketAddr>,
+    server: Option<String>,
     /// Run the commands in FILE, one per line, instead of reading stdin.
     #[arg(long, value_name = "FILE")]
     script: Option<PathBuf>,
@@ -89,10 +90,11 @@ fn load_config(args: &Args) -> Result<ClientConfig, config::ConfigError> {
         None => (PathBuf::from("client.toml"), false),
     };
     let mut cfg: ClientConfig = config::load(&path, explicit)?;
-    if let Some(server) = args.server {
-        cfg.server = server;
-    }
     cfg.validate().map_err(|e| config::ConfigError(format!("{}: {e}", path.display())))?;
+    if let Some(server) = &args.server {
+        config::split_host_port(server).map_err(|e| config::ConfigError(format!("--server: {e}")))?;
+        cfg.server = server.clone();
+    }
     Ok(cfg)
 }
 
@@ -134,8 +136,20 @@ impl Out {
     }
 }
 
+/// The addresses of `server`, in the resolver's order.
+fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    let (host, port) = config::split_host_port(server)?;
+    let addrs: Vec<SocketAddr> =
+        (host.as_str(), port).to_socket_addrs().map_err(|e| format!("cannot resolve {host}: {e}"))?.collect();
+    if addrs.is_empty() {
+        return Err(format!("cannot resolve {host}: no address"));
+    }
+    Ok(addrs)
+}
+
 fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, String> {
-    let server = cfg.server;
+    let server = resolve(&cfg.server)?[0];
     let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut socket = UdpSocket::bind(bind).map_err(|e| format!("cannot bind a UDP socket: {e}"))?;

@@ -22,10 +22,10 @@ struct Args {
     /// directory is used if it exists, and the built-in defaults otherwise.
     #[arg(long, value_name = "PATH", global = true, env = "UDPMSG_CONFIG")]
     config: Option<PathBuf>,
-    /// Address to listen on (overrides `listen`), e.g. 127.0.0.1:7070 or [::]:7070; port 0
-    /// picks a free port.
+    /// Address to listen on (overrides `listen`): HOST[:PORT], e.g. 127.0.0.1:7070, [::]:7070 or
+    /// localhost (a name is resolved, IPv4 first; the port defaults to 7070; 0 picks a free one).
     #[arg(long, value_name = "ADDR", global = true)]
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
     /// Data directory (overrides `data_dir`).
     #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
@@ -141,13 +141,21 @@ fn load_config(args: &Args) -> Result<Layered, config::ConfigError> {
         None => (PathBuf::from("server.toml"), false),
     };
     let mut cli = toml::Table::new();
-    if let Some(listen) = args.listen {
-        cli.insert("listen".into(), toml::Value::String(listen.to_string()));
+    if let Some(listen) = &args.listen {
+        cli.insert("listen".into(), toml::Value::String(listen.clone()));
     }
     if let Some(dir) = &args.data_dir {
         cli.insert("data_dir".into(), toml::Value::String(dir.to_string_lossy().into_owned()));
     }
-    config::layered_server(&path, explicit, std::env::vars(), cli)
+    config::layered_server(&path, explicit, std::env::vars(), cli, &resolve)
+}
+
+/// The address to listen on for a name: its first IPv4 address if it has one (the clients'
+/// default, 127.0.0.1, is one), else its first.
+fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs().map_err(|e| e.to_string())?.collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| "no address".to_string())
 }
 
 /// `RUST_LOG`, when set, decides; otherwise the `log_level` setting does (and SIGHUP can
