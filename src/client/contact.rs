@@ -19,8 +19,9 @@ pub enum ContactChange {
     /// The first answer since the shell started watching, or since contact was lost before any
     /// answer had come.
     Connected,
-    /// Requests went unanswered (`refused`: nothing listens at the address).
-    Lost { refused: bool },
+    /// Requests went unanswered (`refused`: nothing listens at the address); `ever_answered`
+    /// tells a loss from a failure to make contact in the first place.
+    Lost { refused: bool, ever_answered: bool },
     /// An answer after contact had been lost.
     Reconnected,
 }
@@ -70,6 +71,10 @@ impl Contact {
         matches!(self.reach, Reach::Up | Reach::Lost { ever_up: true })
     }
 
+    pub fn is_up(&self) -> bool {
+        self.reach == Reach::Up
+    }
+
     pub fn is_lost(&self) -> bool {
         matches!(self.reach, Reach::Lost { .. })
     }
@@ -91,8 +96,8 @@ impl Contact {
     /// A request got no answer after all its tries, or was refused.
     pub fn silent(&mut self, now: Instant, refused: bool) -> Option<ContactChange> {
         let change = match self.reach {
-            Reach::Up => Some(ContactChange::Lost { refused }),
-            Reach::Unknown if self.watching => Some(ContactChange::Lost { refused }),
+            Reach::Up => Some(ContactChange::Lost { refused, ever_answered: true }),
+            Reach::Unknown if self.watching => Some(ContactChange::Lost { refused, ever_answered: false }),
             Reach::Unknown | Reach::Lost { .. } => None,
         };
         match self.reach {
@@ -132,7 +137,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Contact::new(30 * S);
         assert_eq!(c.answered(), None, "a first answer is no news unless watching");
-        assert_eq!(c.silent(t0, false), Some(ContactChange::Lost { refused: false }));
+        assert_eq!(c.silent(t0, false), Some(ContactChange::Lost { refused: false, ever_answered: true }));
         assert_eq!(c.silent(t0, false), None, "reported once");
         assert_eq!(c.answered(), Some(ContactChange::Reconnected));
         assert_eq!(c.answered(), None);
@@ -152,7 +157,7 @@ mod tests {
         w.watch(t0);
         assert_eq!(w.probe_due(false), Some(t0), "watching probes at once");
         assert_eq!(w.probe_sent(), S);
-        assert_eq!(w.silent(t0 + S, true), Some(ContactChange::Lost { refused: true }));
+        assert_eq!(w.silent(t0 + S, true), Some(ContactChange::Lost { refused: true, ever_answered: false }));
         assert_eq!(w.answered(), Some(ContactChange::Connected), "never answered before: connected");
     }
 

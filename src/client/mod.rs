@@ -210,6 +210,9 @@ struct Pending {
     started: Instant,
     tries: u32,
     deadline: Instant,
+    /// Whether the server was answering when it began: then a refusal may be a restart, and
+    /// the request keeps retrying.
+    while_up: bool,
 }
 
 /// Why `submit` refused a command.
@@ -304,9 +307,15 @@ impl Client {
         }
     }
 
-    /// The kernel reported our datagrams refused: nothing listens at the server's address. The
-    /// command in flight fails at once with [`Event::Refused`].
+    /// The kernel reported our datagrams refused: nothing listens at the server's address now.
+    /// The command in flight fails at once with [`Event::Refused`], unless the server was
+    /// answering when it began: then the daemon may be restarting, so the command keeps its
+    /// retransmissions (and [`Event::Contact`] says at once that contact is lost).
     pub fn connection_refused(&mut self, now: Instant) {
+        if self.pending.as_ref().is_some_and(|p| p.while_up && !p.op.is_background()) {
+            self.silence(now, true);
+            return;
+        }
         if let Some(p) = self.pending.take() {
             debug!("{} #{}: refused", p.op.name(), p.id);
             if !p.op.is_background() {
@@ -442,6 +451,7 @@ impl Client {
         trace!("sending {} #{id} ({} bytes)", op.name(), bytes.len());
         self.out.push_back(bytes.clone());
         self.last_sent = now;
+        let while_up = self.contact.is_up();
         self.pending = Some(Pending {
             op,
             id,
@@ -453,6 +463,7 @@ impl Client {
             started,
             tries: 1,
             deadline,
+            while_up,
         });
         self.set_state(State::Awaiting);
     }

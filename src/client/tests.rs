@@ -346,6 +346,43 @@ fn refused_fails_the_command_at_once() {
 }
 
 #[test]
+fn a_command_begun_while_the_daemon_answered_outlives_a_restart() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let mut c = client(t0);
+    let _ = login(&mut c, t0);
+    c.submit(t0, Command::Post { text: "hi".into() }).unwrap();
+    let post = request(sent(&mut c));
+    c.connection_refused(t0);
+    assert_eq!(
+        c.poll_event(),
+        Some(Event::Contact {
+            server: addr(),
+            change: ContactChange::Lost { refused: true, ever_answered: true }
+        })
+    );
+    assert_eq!(c.poll_event(), None, "the post goes on");
+    c.handle_timeout(t0 + s(1));
+    assert_eq!(request(sent(&mut c)).id, post.id, "retransmitted as usual");
+    c.connection_refused(t0 + s(1));
+    assert_eq!(c.poll_event(), None, "said once");
+    reply(&mut c, t0 + s(2), post.id, Ok(Response::Posted { id: 5, recipients: 0 }));
+    assert_eq!(c.poll_event(), Some(Event::Contact { server: addr(), change: ContactChange::Reconnected }));
+    assert_eq!(c.poll_event(), Some(Event::Done(Done::Posted { id: 5, recipients: 0 })));
+
+    // Begun once contact was known lost: refused at once.
+    c.connection_refused(t0 + s(2));
+    c.handle_timeout(t0 + s(40));
+    sent(&mut c);
+    c.connection_refused(t0 + s(40));
+    while c.poll_event().is_some() {}
+    c.submit(t0 + s(41), Command::WhoAmI).unwrap();
+    sent(&mut c);
+    c.connection_refused(t0 + s(41));
+    assert_eq!(c.poll_event(), Some(Event::Refused { command: "whoami", server: addr() }));
+}
+
+#[test]
 fn a_silent_keepalive_loses_contact_and_probes_find_it_again() {
     let t0 = Instant::now();
     let s = Duration::from_secs;
@@ -364,7 +401,10 @@ fn a_silent_keepalive_loses_contact_and_probes_find_it_again() {
     c.handle_timeout(t0 + s(45));
     assert_eq!(
         c.poll_event(),
-        Some(Event::Contact { server: addr(), change: ContactChange::Lost { refused: false } })
+        Some(Event::Contact {
+            server: addr(),
+            change: ContactChange::Lost { refused: false, ever_answered: true }
+        })
     );
     assert_eq!(c.poll_event(), None, "no error for a command nobody typed");
     // Probes: one second later, then waits that double (1, 2, 4 ...).
@@ -398,7 +438,10 @@ fn a_refused_keepalive_loses_contact_at_once() {
     c.connection_refused(t0 + s(30));
     assert_eq!(
         c.poll_event(),
-        Some(Event::Contact { server: addr(), change: ContactChange::Lost { refused: true } })
+        Some(Event::Contact {
+            server: addr(),
+            change: ContactChange::Lost { refused: true, ever_answered: true }
+        })
     );
     assert_eq!(c.poll_event(), None);
     assert_eq!(c.poll_timeout(), Some(t0 + s(31)));
@@ -479,7 +522,10 @@ fn watching_reports_the_first_contact_or_its_absence() {
     c.handle_timeout(t0 + s(1));
     assert_eq!(
         c.poll_event(),
-        Some(Event::Contact { server: addr(), change: ContactChange::Lost { refused: false } })
+        Some(Event::Contact {
+            server: addr(),
+            change: ContactChange::Lost { refused: false, ever_answered: false }
+        })
     );
     assert!(!c.has_had_contact());
     c.handle_timeout(t0 + s(3));
