@@ -56,7 +56,7 @@ fn direct_messages_reach_online_users_at_once_and_wait_for_offline_ones() {
         bob.stdout.seen
     );
     bob.send("logout");
-    assert!(bob.stdout.wait_for(WAIT, |l| l == "logged out").is_some());
+    assert!(bob.stdout.wait_for(WAIT, |l| l == "logged out bob").is_some());
     assert_eq!(bob.finish(), Some(0));
     // Offline: it waits in the inbox and is caught up on login.
     let out = run_client(d.addr, &["login#alice&password", "send#bob&while you were out"], "");
@@ -88,7 +88,7 @@ fn catch_up_on_login() {
     post(&["one"]);
     assert!(alice.stdout.wait_for(WAIT, |l| l == "[bob] one").is_some());
     alice.send("logout");
-    assert!(alice.stdout.wait_for(WAIT, |l| l == "logged out").is_some());
+    assert!(alice.stdout.wait_for(WAIT, |l| l == "logged out alice").is_some());
     alice.finish();
     post(&["two", "three"]);
 
@@ -139,7 +139,8 @@ fn catch_up_is_capped_and_the_rest_is_in_retrieve() {
     );
     assert_eq!(alice.stdout.seen[1..], ["[bob] m3", "[bob] m4", "[bob] m5"]);
     alice.send("retrieve#5");
-    assert!(alice.stdout.wait_for(WAIT, |l| l == "[bob] m1").is_some());
+    // Shown as history, under a line that says so.
+    assert!(alice.stdout.wait_for(WAIT, |l| l == "  [bob] m1").is_some());
 }
 
 #[test]
@@ -157,7 +158,11 @@ fn delete_account_semantics() {
 
     let out = run_client(d.addr, &["login#alice&password", "delete#wrong"], "");
     assert_eq!(out.code, Some(1));
-    assert!(out.stderr.contains(&"error: wrong user name or password".to_string()), "{out:?}");
+    // No name was given: the error is about the password.
+    assert!(
+        out.stderr.contains(&"error: wrong password: the account was not deleted".to_string()),
+        "{out:?}"
+    );
     let out = run_client(d.addr, &["login#alice&password", "delete#password", "whoami"], "");
     assert!(out.stdout.contains(&"account deleted".to_string()), "{out:?}");
     assert!(out.stderr.iter().any(|l| l.contains("not logged in")), "the deleting session ended: {out:?}");
@@ -168,7 +173,7 @@ fn delete_account_semantics() {
     // Her post stays in carol's inbox under her name; messages to her are refused.
     let out =
         run_client(d.addr, &["login#carol&password", "retrieve#5", "subscriptions", "send#alice&x"], "");
-    assert!(out.stdout.contains(&"[alice] from alice".to_string()), "{out:?}");
+    assert!(out.stdout.contains(&"  [alice] from alice".to_string()), "{out:?}");
     assert!(out.stdout.contains(&"following: nobody".to_string()), "subscription removed: {out:?}");
     assert!(out.stderr.contains(&"error: no such user alice".to_string()), "{out:?}");
     let out = run_client(d.addr, &["login#bob&password", "subscriptions"], "");
@@ -223,5 +228,5 @@ fn version_mismatch_as_the_user_sees_it() {
     });
     let out = run_client(addr, &["ping", "whoami"], "");
     assert_ne!(out.code, Some(0));
-    assert_eq!(out.stderr, vec!["error: server speaks protocol v9, this client speaks v3"]);
+    assert_eq!(out.stderr, vec!["error: ping: server speaks protocol v9, this client speaks v3"]);
 }

@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::cell::Cell;
 use std::io::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
@@ -19,6 +18,8 @@ use std::time::{Duration, Instant};
 /// Upper bound for any single wait on a line.
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The line above what `retrieve` found (one message).
+const HISTORY_1: &str = "history: your 1 most recent message(s), oldest first";
 const NOT_LOGGED_IN: &str = "error: not logged in: use login#USER&PASSWORD first";
 const BAD_CREDENTIALS: &str = "error: wrong user name or password";
 
@@ -46,9 +47,10 @@ fn script_ok(addr: SocketAddr, cmds: &[&str]) -> Vec<String> {
     out.stdout
 }
 
+/// Registers `user` (which logs in to it, and out again when the script ends).
 fn register(addr: SocketAddr, user: &str, password: &str) {
     let out = script_ok(addr, &[&format!("register#{user}&{password}")]);
-    assert_eq!(out, vec![format!("registered {user}; now log in with login#{user}&PASSWORD")]);
+    assert_eq!(out, vec![format!("registered {user}; logging in"), format!("logged in as {user}")]);
 }
 
 /// Runs `setup` (commands that must succeed, printing `setup_out`) followed by one command that
@@ -72,20 +74,6 @@ fn quit(c: &mut LiveClient) -> Option<i32> {
 fn wait_line(lines: &mut Lines, what: &str, line: &str) {
     if lines.wait_for(WAIT, |l| l == line).is_none() {
         panic!("{what}: no line {line:?} within {WAIT:?}; saw {:#?}", lines.seen);
-    }
-}
-
-/// Waits until the `n`th (1-based) line equal to `line` has been printed.
-fn wait_nth(lines: &mut Lines, what: &str, n: usize, line: &str) {
-    let count = Cell::new(0);
-    let found = lines.wait_for(WAIT, |l| {
-        if l == line {
-            count.set(count.get() + 1);
-        }
-        count.get() >= n
-    });
-    if found.is_none() {
-        panic!("{what}: no {n}th line {line:?} within {WAIT:?}; saw {:#?}", lines.seen);
     }
 }
 
@@ -204,17 +192,27 @@ fn subscribe_push_retrieve_logout_and_exit_codes() {
     wait_line(&mut alice.stdout, "alice push", "[bob] hi");
 
     alice.send("retrieve#5");
-    wait_nth(&mut alice.stdout, "alice retrieve", 2, "[bob] hi");
+    wait_line(&mut alice.stdout, "alice retrieve", "  [bob] hi");
 
     alice.send("logout");
-    wait_line(&mut alice.stdout, "alice", "logged out");
+    wait_line(&mut alice.stdout, "alice", "logged out alice");
     alice.send("post#x");
     wait_line(&mut alice.stderr, "alice post after logout", NOT_LOGGED_IN);
 
     // One command failed: exit status 1 once stdin closes.
     assert_eq!(alice.finish(), Some(1), "stdout {:#?} stderr {:#?}", alice.stdout.seen, alice.stderr.seen);
     let out = alice.stdout.rest(Duration::from_secs(5));
-    assert_eq!(out, vec!["logged in as alice", "subscribed to bob", "[bob] hi", "[bob] hi", "logged out"]);
+    assert_eq!(
+        out,
+        vec![
+            "logged in as alice",
+            "subscribed to bob",
+            "[bob] hi",
+            HISTORY_1,
+            "  [bob] hi",
+            "logged out alice"
+        ]
+    );
     assert_eq!(alice.stderr.rest(Duration::from_secs(5)), vec![NOT_LOGGED_IN]);
 }
 
@@ -233,7 +231,7 @@ fn messages_missed_while_away_are_pushed_on_login() {
     wait_line(&mut alice.stdout, "alice", "logged in as alice; 1 new message(s) while you were away:");
     wait_line(&mut alice.stdout, "alice catch-up", "[bob] while you were out");
     alice.send("logout");
-    wait_line(&mut alice.stdout, "alice", "logged out");
+    wait_line(&mut alice.stdout, "alice", "logged out alice");
     assert_eq!(alice.finish(), Some(0));
 }
 
@@ -335,7 +333,7 @@ fn server_errors_as_the_user_sees_them() {
         &[login_a, "post#0123456789"],
         &[in_a, "posted to 0 subscriber(s)"],
         "post#0123456789a",
-        "error: text too long: at most 10 bytes",
+        "error: text too long: 11 bytes, at most 10",
     );
     // The limit is in bytes, not characters: five two-byte characters fit, six do not.
     expect_error(
@@ -343,9 +341,15 @@ fn server_errors_as_the_user_sees_them() {
         &[login_a, "post#ééééé"],
         &[in_a, "posted to 0 subscriber(s)"],
         "post#éééééé",
-        "error: text too long: at most 10 bytes",
+        "error: text too long: 12 bytes, at most 10",
     );
-    expect_error(a, &[login_a], &[in_a], "send#bob&0123456789a", "error: text too long: at most 10 bytes");
+    expect_error(
+        a,
+        &[login_a],
+        &[in_a],
+        "send#bob&0123456789a",
+        "error: text too long: 11 bytes, at most 10",
+    );
 
     let range = "error: count out of range: must be between 1 and 100";
     expect_error(a, &[login_a], &[in_a], "retrieve#0", range);
@@ -614,7 +618,9 @@ fn commands_from_a_script_file() {
     assert_eq!(
         out.stdout,
         vec![
-            "registered carol; now log in with login#carol&PASSWORD",
+            "registered carol; logging in",
+            "logged in as carol",
+            "logged out carol",
             "logged in as carol",
             "carol (1 session(s))"
         ]
@@ -625,7 +631,7 @@ fn commands_from_a_script_file() {
     std::fs::write(&file, "login#carol&secret\nsubscribe#carol\nwhoami\n").unwrap();
     let out = run_client(d.addr, &["--script", file.to_str().unwrap()], "");
     assert_eq!(out.code, Some(1), "{out:#?}");
-    assert_eq!(out.stdout, vec!["logged in as carol", "carol (2 session(s))"]);
+    assert_eq!(out.stdout, vec!["logged in as carol", "carol (1 session(s))"]);
     assert_eq!(out.stderr, vec!["error: you cannot subscribe to yourself"]);
 
     // A script file that does not exist.
@@ -668,7 +674,7 @@ fn script_mode_exits_promptly_when_its_input_ends() {
     let mut alice = LiveClient::start(d.addr, &[]);
     alice.send("login#alice&secret");
     alice.send("logout");
-    wait_line(&mut alice.stdout, "alice", "logged out");
+    wait_line(&mut alice.stdout, "alice", "logged out alice");
     alice.send("post#x");
     wait_line(&mut alice.stderr, "alice", NOT_LOGGED_IN);
     let start = Instant::now();
@@ -702,7 +708,10 @@ fn no_answer_gives_up_after_the_configured_tries() {
     let out = run_client(addr, &["--config", cfg.to_str().unwrap(), "ping"], "");
     let took = start.elapsed();
     assert_eq!(out.code, Some(1), "{out:#?}");
-    assert_eq!(out.stderr, vec![format!("error: no answer from 127.0.0.1:{} after 3 tries", addr.port())]);
+    assert_eq!(
+        out.stderr,
+        vec![format!("error: ping: no answer from 127.0.0.1:{} after 3 tries", addr.port())]
+    );
     assert!(out.stdout.is_empty(), "{out:#?}");
     // 50 + 100 + 200 ms of backoff, plus process start-up.
     assert!(took < Duration::from_secs(5), "took {took:?}");
@@ -780,7 +789,7 @@ fn client_reports_a_server_of_another_version() {
     stop.store(true, Ordering::Relaxed);
     let seen = server.join().unwrap();
     assert_eq!(out.code, Some(1), "{out:#?}");
-    assert_eq!(out.stderr, vec!["error: server speaks protocol v7, this client speaks v3"], "{out:#?}");
+    assert_eq!(out.stderr, vec!["error: ping: server speaks protocol v7, this client speaks v3"], "{out:#?}");
     assert!(out.stdout.is_empty(), "{out:#?}");
     // It gives up at once instead of retrying, and runs nothing after it.
     assert_eq!(seen, 1, "datagrams the fake server received");

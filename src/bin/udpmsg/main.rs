@@ -1,30 +1,37 @@
 //! `udpmsg`: the client. An interactive REPL on a terminal, or a script runner when stdin is not
 //! a terminal, with `--script FILE`, or with commands given as arguments.
 //!
-//! Threads: the main thread runs the mio loop around the library's sans-IO `Client`; one input
-//! thread reads lines (rustyline on a terminal, plain lines otherwise) and hands them over through
-//! a channel and the loop's `Waker`. On a terminal, output goes through rustyline's external
-//! printer so a pushed message appears above the prompt without disturbing what is being typed.
+//! - `driver.rs`: what to do with the lines (sans-IO, unit-tested): one command at a time, the
+//!   logout on leaving, logins and registrations, confirmations, Ctrl-C.
+//! - `repl.rs`: the line editor thread (rustyline): paste, completion, history, Ctrl-C.
+//! - `net.rs`: the UDP socket, connected so that "connection refused" is seen at once.
+//! - `output.rs`: how everything looks, as text or as JSON lines.
+//!
+//! Threads: the main thread runs the mio loop around the driver; one input thread reads lines
+//! (the REPL, or plain lines of a script) and another turns signals into input, both handing
+//! over through a channel and the loop's `Waker`. On a terminal, output goes through rustyline's
+//! external printer so that a pushed message appears above the prompt without disturbing what
+//! is being typed.
 
-#[path = "../common/udp.rs"]
-mod udp;
-
+mod driver;
+mod net;
 mod output;
+mod repl;
 
 use clap::Parser;
-use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token, Waker};
+use driver::{Driver, Item};
+use mio::{Events, Poll, Token, Waker};
+use output::Stream;
 use rand::RngExt;
-use std::collections::VecDeque;
+use std::collections::BTreeSet;
 use std::io::{BufRead, IsTerminal, Write as _};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
-use std::time::Instant;
-use udpmsg::client::{Client, Event};
-use udpmsg::command::{self, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use udpmsg::client::Client;
 use udpmsg::config::{self, ClientConfig};
 
 #[derive(Parser, Debug)]
@@ -44,22 +51,33 @@ struct Args {
     /// Print one JSON object per line for every reply, error and message.
     #[arg(long)]
     json: bool,
+    /// Leave the session open on the daemon when leaving (it ends when it idles out); by
+    /// default the client logs out first.
+    #[arg(long)]
+    keep_session: bool,
     /// Commands to run, e.g. `udpmsg ping` or `udpmsg 'login#alice&secret' 'retrieve#5'`.
     #[arg(value_name = "COMMAND")]
     commands: Vec<String>,
 }
 
 const AFTER_HELP: &str = "Commands use the syntax command#arg&arg; type `help` in the REPL for the list.\n\
-Exit status in script mode: 0 if every command succeeded, 1 otherwise, 2 for a bad configuration.";
+Exit status in script mode: 0 if every command succeeded, 1 otherwise, 2 for a bad configuration, \
+130 when interrupted.";
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 
-/// What the input thread hands to the loop.
-enum Input {
+/// What the input and signal threads hand to the loop.
+pub enum Input {
     Line(String),
     /// Input ended (EOF, Ctrl-D) or `quit`.
     End,
+    /// Ctrl-C in the REPL, or SIGINT.
+    Interrupt {
+        line_was_empty: bool,
+    },
+    /// SIGTERM or SIGHUP.
+    Terminate,
     /// The REPL's printer, for output above the prompt.
     Printer(Box<dyn rustyline::ExternalPrinter + Send>),
 }
@@ -75,6 +93,7 @@ fn main() -> ExitCode {
         }
     };
     let interactive = args.script.is_none() && args.commands.is_empty() && std::io::stdin().is_terminal();
+    let _terminal = interactive.then(TerminalGuard::new);
     match run(cfg, &args, interactive) {
         Ok(code) => code,
         Err(e) => {
@@ -98,44 +117,6 @@ fn load_config(args: &Args) -> Result<ClientConfig, config::ConfigError> {
     Ok(cfg)
 }
 
-/// Where output goes.
-struct Out {
-    json: bool,
-    interactive: bool,
-    printer: Option<Box<dyn rustyline::ExternalPrinter + Send>>,
-}
-
-impl Out {
-    fn line(&mut self, text: &str, failure: bool) {
-        if let Some(p) = &mut self.printer {
-            let _ = p.print(format!("{text}\n"));
-        } else if failure && !self.json && !self.interactive {
-            eprintln!("{text}");
-        } else {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{text}");
-            let _ = out.flush();
-        }
-    }
-
-    fn event(&mut self, e: &Event) {
-        if self.json {
-            self.line(&output::json(e).to_string(), false);
-        } else {
-            let r = output::human(e);
-            self.line(&r.text, r.failure);
-        }
-    }
-
-    fn usage(&mut self, e: &command::ParseError) {
-        if self.json {
-            self.line(&output::parse_error_json(e).to_string(), true);
-        } else {
-            self.line(&output::parse_error(e), true);
-        }
-    }
-}
-
 /// The addresses of `server`, in the resolver's order.
 fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
     use std::net::ToSocketAddrs;
@@ -148,40 +129,100 @@ fn resolve(server: &str) -> Result<Vec<SocketAddr>, String> {
     Ok(addrs)
 }
 
+/// Puts the terminal back as it was, should the client leave while the line editor has it in raw
+/// mode (a signal, a fatal error): the shell must not inherit a terminal without echo.
+struct TerminalGuard(Option<nix::sys::termios::Termios>);
+
+impl TerminalGuard {
+    fn new() -> Self {
+        TerminalGuard(nix::sys::termios::tcgetattr(std::io::stdin()).ok())
+    }
+}
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSADRAIN, t);
+            // Bracketed paste off, as rustyline leaves it.
+            let mut out = std::io::stdout();
+            let _ = out.write_all(b"\x1b[?2004l");
+            let _ = out.flush();
+        }
+    }
+}
+
+/// Where output goes.
+struct Out {
+    json: bool,
+    interactive: bool,
+    printer: Option<Box<dyn rustyline::ExternalPrinter + Send>>,
+}
+
+impl Out {
+    fn line(&mut self, text: &str, stream: Stream) {
+        if let Some(p) = &mut self.printer {
+            let _ = p.print(format!("{text}\n"));
+        } else if stream != Stream::Out && !self.json && !self.interactive {
+            eprintln!("{text}");
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        }
+    }
+
+    fn item(&mut self, item: &Item) {
+        if self.json {
+            self.line(&output::json(item).to_string(), Stream::Out);
+        } else {
+            let r = output::human(item);
+            self.line(&r.text, r.stream);
+        }
+    }
+}
+
 fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, String> {
-    let server = resolve(&cfg.server)?[0];
-    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    let addrs = resolve(&cfg.server)?;
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
-    let mut socket = UdpSocket::bind(bind).map_err(|e| format!("cannot bind a UDP socket: {e}"))?;
-    poll.registry()
-        .register(&mut socket, SOCKET, Interest::READABLE | Interest::WRITABLE)
-        .map_err(|e| e.to_string())?;
+    let mut link = net::Link::open(addrs[0], poll.registry(), SOCKET)?;
+    let mut next_addr = 1;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| e.to_string())?);
+    let names: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let mut out = Out { json: args.json, interactive, printer: None };
+    if interactive && !args.json {
+        out.line(
+            &format!(
+                "udpmsg {}: type help for the commands; quit or Ctrl-D leaves",
+                env!("CARGO_PKG_VERSION")
+            ),
+            Stream::Out,
+        );
+    }
 
     let (tx, rx) = mpsc::channel();
     // The loop keeps its own reference: if the input thread's were the last one, the thread
     // would close the eventfd right after its final wake-up, and epoll would drop that event.
-    spawn_input(args, interactive, tx, waker.clone())?;
+    spawn_signals(tx.clone(), waker.clone())?;
+    spawn_input(args, interactive, tx, waker.clone(), names.clone())?;
 
+    let now = Instant::now();
     let first_id = rand::rng().random_range(1..u64::from(u32::MAX));
-    let mut client = Client::new(cfg, server, first_id, Instant::now());
-    let mut out = Out { json: args.json, interactive, printer: None };
-    let mut outbox = udp::Outbox::new(1024);
+    let mut driver =
+        Driver::new(Client::new(cfg, link.addr, first_id, now), interactive, args.keep_session, names);
+    if interactive {
+        // Say whether the daemon answers, rather than assume it.
+        driver.client_mut().watch_contact(now);
+    }
     let mut events = Events::with_capacity(64);
     let mut buf = vec![0u8; 2048];
-    let mut queue: VecDeque<String> = VecDeque::new();
-    let mut input_done = false;
-    let mut failures = 0u32;
-    if interactive {
-        out.line(&format!("udpmsg: talking to {server}; type help for commands"), false);
-    }
-
-    loop {
-        // Leave once the input is done and nothing is outstanding.
-        if input_done && queue.is_empty() && client.is_ready() {
-            break;
-        }
-        let timeout = client.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
+    let mut again = false;
+    while !driver.finished() {
+        let timeout = if again {
+            Some(Duration::ZERO)
+        } else {
+            driver.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()))
+        };
+        again = false;
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -189,79 +230,98 @@ fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, St
             return Err(format!("poll failed: {e}"));
         }
         let now = Instant::now();
-        for event in events.iter() {
-            if event.token() == SOCKET && event.is_writable() {
-                outbox.flush(&socket);
-            }
+        let mut refused = false;
+        if events.iter().any(|e| e.token() == SOCKET && e.is_writable()) {
+            refused |= !link.flush();
         }
         loop {
-            match socket.recv_from(&mut buf) {
-                Ok((n, from)) => client.handle(now, from, &buf[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    log::debug!("recv: {e}");
-                    break;
-                }
+            match link.recv(&mut buf) {
+                net::Recv::Datagram(n) => driver.handle(now, link.addr, &buf[..n]),
+                net::Recv::Empty => break,
+                net::Recv::Refused => refused = true,
             }
         }
-        input_done |= take_input(&rx, &mut queue, &mut out);
-        if client.poll_timeout().is_some_and(|t| t <= now) {
-            client.handle_timeout(now);
+        take_input(&rx, &mut driver, &mut out, now);
+        driver.handle_timeout(now);
+        driver.step(now);
+        while let Some(bytes) = driver.poll_transmit() {
+            refused |= !link.send(bytes);
         }
-        // Show what happened before starting the next command, so output keeps input order.
-        while let Some(e) = client.poll_event() {
-            if matches!(e, Event::Failed { .. } | Event::NoAnswer { .. } | Event::VersionMismatch { .. }) {
-                failures += 1;
+        if refused {
+            if !driver.client().has_had_contact() && next_addr < addrs.len() {
+                // Another address of the same name may be the one the daemon listens on
+                // (localhost: ::1 and 127.0.0.1).
+                log::debug!("{} refused; trying {}", link.addr, addrs[next_addr]);
+                let next = net::Link::open(addrs[next_addr], poll.registry(), SOCKET)?;
+                std::mem::replace(&mut link, next).close(poll.registry());
+                next_addr += 1;
+                driver.client_mut().set_server(now, link.addr);
+            } else {
+                driver.refused(now);
             }
-            out.event(&e);
-            if matches!(e, Event::VersionMismatch { .. }) && !interactive {
-                return Ok(ExitCode::from(1));
-            }
+            again = true;
         }
-        // Start queued commands while the client is ready for them.
-        while client.is_ready() {
-            let Some(line) = queue.pop_front() else { break };
-            match command::parse(&line) {
-                Ok(None) => {}
-                Ok(Some(Command::Help)) => out.line(command::help().trim_end(), false),
-                Ok(Some(Command::Quit)) => {
-                    queue.clear();
-                    input_done = true;
-                }
-                Ok(Some(cmd)) => {
-                    if client.submit(now, cmd).is_err() {
-                        unreachable!("submitted only when ready");
-                    }
-                }
-                Err(usage) => {
-                    failures += 1;
-                    out.usage(&usage);
-                }
-            }
-        }
-        while let Some(bytes) = client.poll_transmit() {
-            outbox.send(&socket, server, bytes);
+        while let Some(item) = driver.poll_item() {
+            out.item(&item);
         }
     }
-    outbox.flush(&socket);
-    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    link.flush();
+    Ok(if driver.interrupted() {
+        ExitCode::from(130)
+    } else if driver.failures() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
-/// Moves what the input thread sent into the queue; true once input has ended.
-fn take_input(rx: &Receiver<Input>, queue: &mut VecDeque<String>, out: &mut Out) -> bool {
-    let mut ended = false;
+/// Hands what the threads sent to the driver.
+fn take_input(rx: &Receiver<Input>, driver: &mut Driver, out: &mut Out, now: Instant) {
     loop {
         match rx.try_recv() {
-            Ok(Input::Line(l)) => queue.push_back(l),
-            Ok(Input::End) => ended = true,
+            Ok(Input::Line(l)) => driver.line(l),
+            Ok(Input::End) => driver.input_ended(),
+            Ok(Input::Interrupt { line_was_empty }) => driver.interrupt(now, line_was_empty),
+            Ok(Input::Terminate) => driver.terminate(now),
             Ok(Input::Printer(p)) => out.printer = Some(p),
-            Err(mpsc::TryRecvError::Empty) => return ended,
-            Err(mpsc::TryRecvError::Disconnected) => return true,
+            Err(mpsc::TryRecvError::Empty) => return,
+            Err(mpsc::TryRecvError::Disconnected) => {
+                driver.input_ended();
+                return;
+            }
         }
     }
 }
 
-fn spawn_input(args: &Args, interactive: bool, tx: Sender<Input>, waker: Arc<Waker>) -> Result<(), String> {
+/// SIGINT is Ctrl-C (the REPL sees the key itself; a script gets the signal); SIGTERM and
+/// SIGHUP (the terminal went away) make the client log out and leave.
+fn spawn_signals(tx: Sender<Input>, waker: Arc<Waker>) -> Result<(), String> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("signals: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let input =
+                    if sig == SIGINT { Input::Interrupt { line_was_empty: false } } else { Input::Terminate };
+                if tx.send(input).is_err() {
+                    return;
+                }
+                let _ = waker.wake();
+            }
+        })
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn spawn_input(
+    args: &Args,
+    interactive: bool,
+    tx: Sender<Input>,
+    waker: Arc<Waker>,
+    names: Arc<Mutex<BTreeSet<String>>>,
+) -> Result<(), String> {
     let send = move |i: Input| {
         let ok = tx.send(i).is_ok();
         let _ = waker.wake();
@@ -277,7 +337,7 @@ fn spawn_input(args: &Args, interactive: bool, tx: Sender<Input>, waker: Arc<Wak
     if interactive {
         return std::thread::Builder::new()
             .name("repl".into())
-            .spawn(move || repl(send))
+            .spawn(move || repl::run(send, names))
             .map(|_| ())
             .map_err(|e| e.to_string());
     }
@@ -309,30 +369,4 @@ fn spawn_input(args: &Args, interactive: bool, tx: Sender<Input>, waker: Arc<Wak
         })
         .map(|_| ())
         .map_err(|e| e.to_string())
-}
-
-fn repl(send: impl Fn(Input) -> bool) {
-    let mut rl = match rustyline::DefaultEditor::new() {
-        Ok(rl) => rl,
-        Err(e) => {
-            eprintln!("udpmsg: cannot start line editor: {e}");
-            send(Input::End);
-            return;
-        }
-    };
-    if let Ok(p) = rl.create_external_printer() {
-        send(Input::Printer(Box::new(p)));
-    }
-    // Ctrl-D or Ctrl-C (an error from readline) leaves.
-    while let Ok(line) = rl.readline("> ") {
-        // Lines with passwords never enter the history.
-        if !command::is_sensitive(&line) && !line.trim().is_empty() {
-            let _ = rl.add_history_entry(line.as_str());
-        }
-        let quit = matches!(command::parse(&line), Ok(Some(Command::Quit)));
-        if !send(Input::Line(line)) || quit {
-            break;
-        }
-    }
-    send(Input::End);
 }
