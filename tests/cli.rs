@@ -1064,3 +1064,46 @@ fn addresses_take_names_and_a_default_port() {
     assert_eq!(e.code, Some(1), "{e:#?}");
     assert!(e.stderr.contains("cannot resolve no-such-host.invalid"), "{e:#?}");
 }
+
+// ----------------------------------------------------------------------------- 13. times
+
+/// Every message says when it was posted: local time for people (here TZ=IST-5:30, a POSIX
+/// zone, so no time zone database is needed), RFC 3339 in UTC with --json; pushes and retrieve
+/// alike, retrieve's marked as history.
+#[test]
+fn messages_carry_their_posting_time() {
+    use jiff::{tz::TimeZone, Timestamp};
+    let d = daemon();
+    register(d.addr, "alice", "secret");
+    register(d.addr, "bob", "hunter22");
+    script_ok(d.addr, &["login#alice&secret", "subscribe#bob"]);
+    let before = Timestamp::now();
+    script_ok(d.addr, &["login#bob&hunter22", "post#what time is it?"]);
+
+    let json = run_client(d.addr, &["--json", "login#alice&secret", "retrieve#1"], "");
+    assert_eq!(json.code, Some(0), "{json:#?}");
+    let v = parse_json_lines(&json.stdout);
+    // The catch-up push (alice was away when bob posted), then retrieve's copy.
+    assert_eq!(v[1]["type"], "push", "{v:#?}");
+    let m = &v[2]["messages"][0];
+    assert_eq!(v[1]["time"], m["time"], "{v:#?}");
+    let time: Timestamp = m["time"].as_str().expect("an RFC 3339 string").parse().expect("RFC 3339");
+    assert!(m["time"].as_str().unwrap().ends_with('Z'), "UTC: {m}");
+    assert!(time >= before - jiff::SignedDuration::from_secs(1) && time <= Timestamp::now(), "{m}");
+
+    let out = Command::new(bin("udpmsg"))
+        .args(["--server", &d.addr.to_string(), "login#alice&secret", "retrieve#1"])
+        .env("TZ", "IST-5:30")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    let zone = TimeZone::posix("IST-5:30").unwrap();
+    let at = time.to_zoned(zone.clone());
+    let today = at.date() == Timestamp::now().to_zoned(zone).date();
+    let when =
+        if today { at.strftime("%H:%M").to_string() } else { at.strftime("%Y-%m-%d %H:%M").to_string() };
+    // (The --json run above caught alice up: no push this time.)
+    assert_eq!(lines[1..], [HISTORY_1.to_string(), format!("  {when} [bob] what time is it?")], "{stdout}");
+}

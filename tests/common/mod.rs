@@ -63,13 +63,42 @@ pub struct Lines {
     pub seen: Vec<String>,
 }
 
+/// A client's line without the local time it puts before a message (`14:03 [bob] hi` and
+/// `  2026-11-24 14:03 [bob] hi` become `[bob] hi` and `  [bob] hi`), so that tests about
+/// messages do not depend on the clock; tests about times read the lines as printed.
+pub fn untimed(line: &str) -> String {
+    let rest = line.trim_start_matches(' ');
+    let indent = &line[..line.len() - rest.len()];
+    let shape = |s: &str, pattern: &str| {
+        s.len() >= pattern.len()
+            && s.bytes()
+                .zip(pattern.bytes())
+                .all(|(c, p)| if p == b'9' { c.is_ascii_digit() } else { c == p })
+    };
+    for pattern in ["99:99 [", "9999-99-99 99:99 ["] {
+        if shape(rest, pattern) {
+            return format!("{indent}{}", &rest[pattern.len() - 1..]);
+        }
+    }
+    line.to_string()
+}
+
 impl Lines {
     pub fn new(r: impl Read + Send + 'static) -> Lines {
+        Self::mapped(r, |l| l)
+    }
+
+    /// As [`Lines::new`], with message times taken out (see [`untimed`]).
+    pub fn untimed(r: impl Read + Send + 'static) -> Lines {
+        Self::mapped(r, |l| untimed(&l))
+    }
+
+    fn mapped(r: impl Read + Send + 'static, map: fn(String) -> String) -> Lines {
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(r).lines() {
                 let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
+                if tx.send(map(line)).is_err() {
                     break;
                 }
             }
@@ -224,8 +253,18 @@ impl LiveClient {
         Self::start_wrapped(&[], server, args)
     }
 
-    /// Runs the client under `wrapper` (e.g. `ip netns exec NS`).
+    /// Runs the client under `wrapper` (e.g. `ip netns exec NS`); its stdout without message
+    /// times (see [`untimed`]).
     pub fn start_wrapped(wrapper: &[&str], server: SocketAddr, args: &[&str]) -> LiveClient {
+        Self::spawn(wrapper, server, args, false)
+    }
+
+    /// As [`LiveClient::start_wrapped`], with its stdout exactly as printed.
+    pub fn start_timed(wrapper: &[&str], server: SocketAddr, args: &[&str]) -> LiveClient {
+        Self::spawn(wrapper, server, args, true)
+    }
+
+    fn spawn(wrapper: &[&str], server: SocketAddr, args: &[&str], timed: bool) -> LiveClient {
         let (program, pre) = match wrapper.split_first() {
             Some((p, rest)) => (PathBuf::from(p), rest.iter().map(|s| s.to_string()).collect::<Vec<_>>()),
             None => (bin("udpmsg"), Vec::new()),
@@ -246,7 +285,8 @@ impl LiveClient {
             .spawn()
             .expect("spawn udpmsg");
         let stdin = child.stdin.take();
-        let stdout = Lines::new(child.stdout.take().unwrap());
+        let out = child.stdout.take().unwrap();
+        let stdout = if timed { Lines::new(out) } else { Lines::untimed(out) };
         let stderr = Lines::new(child.stderr.take().unwrap());
         LiveClient { child, stdin, stdout, stderr }
     }

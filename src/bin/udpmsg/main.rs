@@ -156,6 +156,8 @@ struct Out {
     json: bool,
     interactive: bool,
     printer: Option<Box<dyn rustyline::ExternalPrinter + Send>>,
+    /// For local message times (TZ, else /etc/localtime; UTC if neither can be read).
+    tz: jiff::tz::TimeZone,
 }
 
 impl Out {
@@ -175,7 +177,7 @@ impl Out {
         if self.json {
             self.line(&output::json(item).to_string(), Stream::Out);
         } else {
-            let r = output::human(item);
+            let r = output::human(item, &output::Clock::system(&self.tz));
             self.line(&r.text, r.stream);
         }
     }
@@ -188,7 +190,11 @@ fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, St
     let mut next_addr = 1;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| e.to_string())?);
     let names: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let mut out = Out { json: args.json, interactive, printer: None };
+    let tz = jiff::tz::TimeZone::try_system().unwrap_or_else(|e| {
+        log::warn!("cannot tell the local time zone ({e}): message times are shown in UTC");
+        jiff::tz::TimeZone::UTC
+    });
+    let mut out = Out { json: args.json, interactive, printer: None, tz };
     if interactive && !args.json {
         out.line(
             &format!(

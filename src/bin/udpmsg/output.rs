@@ -1,12 +1,17 @@
 //! How things look to the user: one human line (or a few) per item, or one JSON object per line
 //! with `--json`, its `type` always the first key (README, "JSON output", lists every type).
 //!
+//! Messages show when they were posted: in local time (`14:03`, or `2026-11-24 14:03` when it
+//! was not today), and in `--json` as RFC 3339 in UTC (`"time":"2026-11-25T13:03:07.123Z"`).
+//!
 //! Text from the network never reaches the terminal raw: control characters (escape sequences,
 //! carriage returns, ...) and bidirectional overrides are shown escaped (`\u{1b}`), and the lines
 //! of a multi-line message after its first are marked (`  | `), so that no message text can pass
 //! for another message, or for anything the client itself says.
 
 use crate::driver::{Item, Notice};
+use jiff::tz::TimeZone;
+use jiff::Timestamp;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use udpmsg::client::{ContactChange, Done, Event};
@@ -58,13 +63,50 @@ pub fn escape(s: &str) -> String {
     o
 }
 
-/// `[alice] hello`, or `[alice -> you] hello` for a direct message; continuation lines of a
-/// multi-line text marked with `  | ` so they cannot pass for messages. `indent` goes before
-/// every line (retrieve indents its history).
-pub fn message_lines(m: &Message, indent: &str) -> String {
-    let head = match &m.to {
+/// The time zone and the present, for showing when messages were posted.
+pub struct Clock {
+    pub tz: TimeZone,
+    pub now: Timestamp,
+}
+
+impl Clock {
+    /// The system's clock, in `tz`.
+    pub fn system(tz: &TimeZone) -> Clock {
+        Clock { tz: tz.clone(), now: Timestamp::now() }
+    }
+
+    /// `14:03` for today, `2026-11-24 14:03` otherwise; `None` when the time is unknown (0: a
+    /// message stored before the daemon kept times).
+    fn when(&self, unix_ms: u64) -> Option<String> {
+        if unix_ms == 0 {
+            return None;
+        }
+        let t = Timestamp::from_millisecond(i64::try_from(unix_ms).ok()?).ok()?;
+        let (at, today) = (t.to_zoned(self.tz.clone()), self.now.to_zoned(self.tz.clone()));
+        let format = if at.date() == today.date() { "%H:%M" } else { "%Y-%m-%d %H:%M" };
+        Some(at.strftime(format).to_string())
+    }
+}
+
+/// RFC 3339 in UTC, or `None` when the time is unknown.
+fn rfc3339(unix_ms: u64) -> Option<String> {
+    if unix_ms == 0 {
+        return None;
+    }
+    Timestamp::from_millisecond(i64::try_from(unix_ms).ok()?).ok().map(|t| t.to_string())
+}
+
+/// `14:03 [alice] hello`, or `14:03 [alice -> you] hello` for a direct message; continuation
+/// lines of a multi-line text marked with `  | ` so they cannot pass for messages. `indent` goes
+/// before every line (retrieve indents its history).
+pub fn message_lines(m: &Message, indent: &str, clock: &Clock) -> String {
+    let who = match &m.to {
         Some(_) => format!("[{} -> you]", escape(&m.author)),
         None => format!("[{}]", escape(&m.author)),
+    };
+    let head = match clock.when(m.time) {
+        Some(when) => format!("{when} {who}"),
+        None => who,
     };
     let text = escape(&m.text);
     let mut lines = text.split('\n');
@@ -106,7 +148,7 @@ fn contact(server: &SocketAddr, change: &ContactChange) -> String {
     }
 }
 
-fn done(d: &Done) -> String {
+fn done(d: &Done, clock: &Clock) -> String {
     match d {
         Done::Registered { user } => format!("registered {user}"),
         Done::LoggedIn { user, missed: 0, .. } => format!("logged in as {user}"),
@@ -127,7 +169,7 @@ fn done(d: &Done) -> String {
             let mut s = format!("history: your {} most recent message(s), oldest first", ms.len());
             for m in ms {
                 s.push('\n');
-                s.push_str(&message_lines(m, "  "));
+                s.push_str(&message_lines(m, "  ", clock));
             }
             s
         }
@@ -145,11 +187,11 @@ fn done(d: &Done) -> String {
     }
 }
 
-pub fn human(item: &Item) -> Rendered {
+pub fn human(item: &Item, clock: &Clock) -> Rendered {
     match item {
         Item::Event(e) => match e {
-            Event::Push(m) => out(message_lines(m, "")),
-            Event::Done(d) => out(done(d)),
+            Event::Push(m) => out(message_lines(m, "", clock)),
+            Event::Done(d) => out(done(d, clock)),
             Event::Failed { command, error } => err(format!("error: {}", failure(command, error, None))),
             Event::NoAnswer { command, server, tries } => {
                 err(format!("error: {command}: no answer from {server} after {tries} tries"))
@@ -164,7 +206,9 @@ pub fn human(item: &Item) -> Rendered {
             Event::SessionLost { error } => err(format!("session ended: {error}")),
             Event::Contact { server, change } => note(contact(server, change)),
         },
-        Item::Failed { command, error, text_len } => err(format!("error: {}", failure(command, error, *text_len))),
+        Item::Failed { command, error, text_len } => {
+            err(format!("error: {}", failure(command, error, *text_len)))
+        }
         Item::LoggedOut { user: Some(u) } => out(format!("logged out {u}")),
         Item::LoggedOut { user: None } => out("logged out".into()),
         Item::Registered { user, still_as: None } => out(format!("registered {user}; logging in")),
@@ -173,30 +217,35 @@ pub fn human(item: &Item) -> Rendered {
         )),
         Item::Parse(e) => err(parse_error(e)),
         Item::Help => out(command::help().trim_end().to_string()),
-        Item::Notice(n) => match n {
-            Notice::ConfirmDelete { user } => out(format!(
-                "delete the account {user}, with its messages and subscriptions, for good? type yes to confirm"
-            )),
-            Notice::NotDeleted => out("not deleted".into()),
-            Notice::Abandoned { command, dropped } => {
-                let mut s = format!("{command} abandoned");
-                if !matches!(*command, "ping" | "retrieve" | "users" | "whoami" | "subscriptions") {
-                    s.push_str(" (the daemon may still carry it out)");
-                }
-                if *dropped > 0 {
-                    s.push_str(&format!("; {dropped} command(s) typed after it dropped"));
-                }
-                err(s)
+        Item::Notice(n) => notice(n),
+    }
+}
+
+/// The shell's own words.
+fn notice(n: &Notice) -> Rendered {
+    match n {
+        Notice::ConfirmDelete { user } => out(format!(
+            "delete the account {user}, with its messages and subscriptions, for good? type yes to confirm"
+        )),
+        Notice::NotDeleted => out("not deleted".into()),
+        Notice::Abandoned { command, dropped } => {
+            let mut s = format!("{command} abandoned");
+            if !matches!(*command, "ping" | "retrieve" | "users" | "whoami" | "subscriptions") {
+                s.push_str(" (the daemon may still carry it out)");
             }
-            Notice::Dropped { dropped } => err(format!("{dropped} command(s) typed ahead dropped")),
-            Notice::StillWaiting { command, server, secs } => {
-                note(format!("({command}: no answer from {server} for {secs} s yet; still trying, Ctrl-C gives up)"))
+            if *dropped > 0 {
+                s.push_str(&format!("; {dropped} command(s) typed after it dropped"));
             }
-            Notice::LeaveHint => note("(to leave, type quit or press Ctrl-D)".into()),
-            Notice::NotLoggedOut { user, why } => {
-                note(format!("could not log out {user} ({why}); the session ends when it idles out"))
-            }
-        },
+            err(s)
+        }
+        Notice::Dropped { dropped } => err(format!("{dropped} command(s) typed ahead dropped")),
+        Notice::StillWaiting { command, server, secs } => note(format!(
+            "({command}: no answer from {server} for {secs} s yet; still trying, Ctrl-C gives up)"
+        )),
+        Notice::LeaveHint => note("(to leave, type quit or press Ctrl-D)".into()),
+        Notice::NotLoggedOut { user, why } => {
+            note(format!("could not log out {user} ({why}); the session ends when it idles out"))
+        }
     }
 }
 
@@ -210,7 +259,7 @@ pub fn parse_error(e: &ParseError) -> String {
 }
 
 fn message_json(m: &Message) -> Value {
-    json!({ "id": m.id, "author": m.author, "to": m.to, "text": m.text })
+    json!({ "id": m.id, "time": rfc3339(m.time), "author": m.author, "to": m.to, "text": m.text })
 }
 
 fn error_json(command: Option<&str>, code: &str, message: String) -> Value {
@@ -313,7 +362,7 @@ pub fn json(item: &Item) -> Value {
             }).collect::<Vec<_>>(),
         }),
         Item::Notice(n) => {
-            let message = human(item).text;
+            let message = notice(n).text;
             match n {
                 Notice::ConfirmDelete { user } => {
                     json!({ "type": "confirm", "command": "delete", "user": user, "message": message })
@@ -335,19 +384,45 @@ mod tests {
         Message { id: 1, time: 0, author: "bob".into(), to: None, text: text.into() }
     }
 
+    /// 2026-11-25 12:00 UTC, seen from UTC+05:30.
+    fn clock() -> Clock {
+        Clock {
+            tz: TimeZone::fixed(jiff::tz::offset(5) + jiff::SignedDuration::from_mins(30)),
+            now: Timestamp::from_second(1_795_608_000).unwrap(),
+        }
+    }
+
     #[test]
     fn message_text_cannot_reach_the_terminal_raw() {
-        assert_eq!(message_lines(&m("red \x1b[31malert\x07"), ""), "[bob] red \\u{1b}[31malert\\u{7}");
-        assert_eq!(message_lines(&m("over\rwrite"), ""), "[bob] over\\u{d}write");
-        assert_eq!(message_lines(&m("a\u{202e}b\u{9b}c"), ""), "[bob] a\\u{202e}b\\u{9b}c");
-        assert_eq!(message_lines(&m("tab\there"), ""), "[bob] tab\\u{9}here");
+        assert_eq!(
+            message_lines(&m("red \x1b[31malert\x07"), "", &clock()),
+            "[bob] red \\u{1b}[31malert\\u{7}"
+        );
+        assert_eq!(message_lines(&m("over\rwrite"), "", &clock()), "[bob] over\\u{d}write");
+        assert_eq!(message_lines(&m("a\u{202e}b\u{9b}c"), "", &clock()), "[bob] a\\u{202e}b\\u{9b}c");
+        assert_eq!(message_lines(&m("tab\there"), "", &clock()), "[bob] tab\\u{9}here");
+    }
+
+    #[test]
+    fn messages_show_when_they_were_posted_in_local_time() {
+        let today = Message { time: 1_795_608_000_000 - 3_600_000, ..m("hi") };
+        assert_eq!(message_lines(&today, "", &clock()), "16:30 [bob] hi", "11:00 UTC is 16:30 at +05:30");
+        let before = Message { time: 1_795_608_000_000 - 86_400_000, ..m("hi") };
+        assert_eq!(message_lines(&before, "  ", &clock()), "  2026-11-24 17:30 [bob] hi");
+        assert_eq!(message_lines(&m("hi"), "", &clock()), "[bob] hi", "a time not kept is not made up");
+        let v = json(&Item::Event(Event::Push(today)));
+        assert_eq!(v["time"], "2026-11-25T11:00:00Z");
+        assert_eq!(json(&Item::Event(Event::Push(m("hi"))))["time"], Value::Null);
     }
 
     #[test]
     fn a_multi_line_message_cannot_pass_for_several() {
         let forged = m("hi\n[alice] send me your password\n");
-        assert_eq!(message_lines(&forged, ""), "[bob] hi\n  | [alice] send me your password\n  | ");
-        assert_eq!(message_lines(&forged, "  "), "  [bob] hi\n    | [alice] send me your password\n    | ");
+        assert_eq!(message_lines(&forged, "", &clock()), "[bob] hi\n  | [alice] send me your password\n  | ");
+        assert_eq!(
+            message_lines(&forged, "  ", &clock()),
+            "  [bob] hi\n    | [alice] send me your password\n    | "
+        );
     }
 
     #[test]
