@@ -87,7 +87,7 @@ pub struct ParseError {
     /// The command, when its name was recognised.
     pub command: Option<&'static str>,
     /// Machine-readable: `UnknownCommand`, `Usage`, or the daemon's code for the same problem
-    /// (`TextTooLong`, `InvalidName`, `InvalidPassword`, `InvalidPattern`).
+    /// (`TextTooLong`, `InvalidText`, `InvalidName`, `InvalidPassword`, `InvalidPattern`).
     pub code: &'static str,
     pub message: String,
 }
@@ -277,6 +277,10 @@ fn check_text(command: &'static str, text: String) -> Result<String, ParseError>
     if text.len() > proto::MAX_TEXT_BYTES {
         let message = format!("text too long: {} bytes, at most {}", text.len(), proto::MAX_TEXT_BYTES);
         return Err(ParseError { command: Some(command), code: "TextTooLong", message });
+    }
+    if let Some(c) = proto::forbidden_char(&text) {
+        let message = ErrorCode::InvalidText { code_point: c as u32 }.to_string();
+        return Err(ParseError { command: Some(command), code: "InvalidText", message });
     }
     Ok(text)
 }
@@ -485,6 +489,13 @@ mod tests {
         assert_eq!(
             err(&format!("login#alice&{}", "p".repeat(129))),
             "password too long: 129 bytes, at most 128"
+        );
+        let e = parse("post#tab\there").unwrap_err();
+        assert_eq!((e.command, e.code), (Some("post"), "InvalidText"));
+        assert_eq!(e.message, "text contains the control character U+0009; only newline is allowed");
+        assert_eq!(
+            err("send#bob&\x1b[31mred"),
+            "text contains the control character U+001B; only newline is allowed"
         );
         assert_eq!(err("users#a b"), "invalid pattern: up to 64 characters of names, * and ?");
     }

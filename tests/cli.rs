@@ -497,6 +497,11 @@ fn oversize_text_is_refused_by_the_client() {
             format!("subscribe#{}", "b".repeat(40)),
             "error: invalid name: 1 to 32 characters from A-Z a-z 0-9 _ . -",
         ),
+        // A control character would be refused by the daemon: said here, in its words.
+        (
+            "post#tab\there".to_string(),
+            "error: text contains the control character U+0009; only newline is allowed",
+        ),
     ] {
         let start = Instant::now();
         let out = run_client(addr, &[&line], "");
