@@ -126,8 +126,9 @@ fn first_word(line: &str) -> String {
     line[..end].to_lowercase()
 }
 
-/// Edit distance with adjacent transpositions (optimal string alignment), on characters.
-fn distance(a: &str, b: &str) -> usize {
+/// Edit distance with adjacent transpositions (optimal string alignment), on characters; for
+/// "did you mean" here and in the configuration's errors.
+pub(crate) fn distance(a: &str, b: &str) -> usize {
     let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
     let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
     for (i, row) in d.iter_mut().enumerate() {

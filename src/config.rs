@@ -410,18 +410,87 @@ impl ClientConfig {
     }
 }
 
-/// Parses a TOML document into a config, naming `origin` (the file) in any error.
-pub fn parse<T: for<'de> Deserialize<'de>>(text: &str, origin: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        // toml's message already names the key ("unknown field `x`", "invalid type ...") and
-        // points at the line; say which file it is about.
-        ConfigError(format!("{origin}: {}", e.to_string().trim_end()))
-    })
+/// The line (1-based) of `text` that sets `key` at the top level, if it can be found.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            let l = l.strip_prefix(['"', '\'']).unwrap_or(l);
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start_matches(['"', '\'']).trim_start().starts_with('='))
+                || l.strip_prefix('[').is_some_and(|t| t.trim_start().starts_with(key))
+        })
+        .map(|i| i + 1)
+}
+
+/// `origin: unknown key `k` (did you mean `key`?); the keys are: ...`
+fn unknown_key(origin: &str, key: &str, valid: &toml::Table) -> ConfigError {
+    let close = valid
+        .keys()
+        .map(|k| (crate::command::distance(key, k), k))
+        .filter(|(d, k)| *d <= (key.len() / 3).max(2) || k.contains(key) || key.contains(k.as_str()))
+        .min();
+    let hint = close.map(|(_, k)| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+    let keys: Vec<&str> = valid.keys().map(String::as_str).collect();
+    ConfigError(format!("{origin}: unknown key `{key}`{hint}; the keys are: {}", keys.join(", ")))
+}
+
+/// Whether `value` fits `key` (its type; ranges are checked later, by `validate`): the error
+/// names `origin`, the key and the value.
+fn check_value<T: for<'de> Deserialize<'de>>(
+    defaults: &toml::Table,
+    key: &str,
+    value: &toml::Value,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    if key == "listen" && value.is_str() {
+        // A host name is fine here: resolved once the layers are merged.
+        return Ok(());
+    }
+    let mut t = defaults.clone();
+    t.insert(key.to_string(), value.clone());
+    match t.try_into::<T>() {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let why = e.to_string();
+            let why = why.lines().next().unwrap_or("invalid").trim_end();
+            Err(ConfigError(format!("{origin}: invalid value {value} for `{key}`: {why}")))
+        }
+    }
+}
+
+/// Parses a TOML document into a config, naming `origin` (the file) and the line in any error;
+/// an unknown key gets the closest valid one and the list of all.
+pub fn parse<T: for<'de> Deserialize<'de> + Serialize + Default>(
+    text: &str,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    // toml's message points at the line; say which file it is about.
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError(format!("{origin}: {}", e.to_string().trim_end())))?;
+    let defaults = toml::Table::try_from(T::default()).expect("config serializes");
+    let at = |k: &str| match key_line(text, k) {
+        Some(line) => format!("{origin}:{line}"),
+        None => origin.to_string(),
+    };
+    for (k, v) in &table {
+        if !defaults.contains_key(k) {
+            return Err(unknown_key(&at(k), k, &defaults));
+        }
+        check_value::<T>(&defaults, k, v, &at(k))?;
+    }
+    table
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError(format!("{origin}: {}", e.to_string().trim_end())))
 }
 
 /// Loads a config file. `explicit` says whether the user named the file: a missing default
 /// file means "use the built-in defaults", a missing named file is an error.
-pub fn load<T: for<'de> Deserialize<'de> + Default>(path: &Path, explicit: bool) -> Result<T, ConfigError> {
+pub fn load<T: for<'de> Deserialize<'de> + Serialize + Default>(
+    path: &Path,
+    explicit: bool,
+) -> Result<T, ConfigError> {
     match std::fs::read_to_string(path) {
         Ok(text) => parse(&text, &path.display().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Ok(T::default()),
@@ -459,8 +528,22 @@ pub struct Layered {
     pub config: ServerConfig,
     pub sources: std::collections::BTreeMap<String, Source>,
     /// `UDPMSG_*` variables that name no setting. They are ignored, not fatal: orchestrators
-    /// add variables like `UDPMSG_PORT` for a service named `udpmsg` on their own.
+    /// add variables like `UDPMSG_PORT` for a service named `udpmsg` on their own (see
+    /// [`env_meant`] for the warning).
     pub ignored_env: Vec<String>,
+}
+
+/// The variable that `var` (a `UDPMSG_*` variable naming no setting) may have been meant to be:
+/// `UDPMSG_MAX_TXT_BYTES` → `UDPMSG_MAX_TEXT_BYTES`.
+pub fn env_meant(var: &str) -> Option<String> {
+    let key = var.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+    let defaults = toml::Table::try_from(ServerConfig::default()).expect("config serializes");
+    defaults
+        .keys()
+        .map(|k| (crate::command::distance(&key, k), k))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, k)| format!("{ENV_PREFIX}{}", k.to_ascii_uppercase()))
 }
 
 /// Variables with the prefix that are not settings.
@@ -499,22 +582,35 @@ pub fn layered_server(
     let mut merged = defaults.clone();
     let mut sources: std::collections::BTreeMap<String, Source> =
         defaults.keys().map(|k| (k.clone(), Source::Default)).collect();
-    let origin = path.display().to_string();
+    let file_name = path.display().to_string();
+    let mut text = String::new();
     match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-                ConfigError(format!("{origin}: {}", e.to_string().trim_end()))
-            })?;
-            for (k, v) in file {
-                if !defaults.contains_key(&k) {
-                    return Err(ConfigError(format!("{origin}: unknown key `{k}`")));
-                }
-                sources.insert(k.clone(), Source::File(path.to_path_buf()));
-                merged.insert(k, v);
-            }
-        }
+        Ok(t) => text = t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
-        Err(e) => return Err(ConfigError(format!("{origin}: cannot read: {e}"))),
+        Err(e) => return Err(ConfigError(format!("{file_name}: cannot read: {e}"))),
+    }
+    // Where a key's value came from, as an error should say it: `server.toml:3`,
+    // `environment UDPMSG_LISTEN`, `--listen`.
+    let origin = |key: &str, source: &Source| match source {
+        Source::File(_) => match key_line(&text, key) {
+            Some(line) => format!("{file_name}:{line}"),
+            None => file_name.clone(),
+        },
+        Source::Env(var) => format!("environment {var}"),
+        Source::CommandLine => format!("--{}", key.replace('_', "-")),
+        Source::Default => "default".into(),
+    };
+    let file: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| ConfigError(format!("{file_name}: {}", e.to_string().trim_end())))?;
+    for (k, v) in file {
+        let source = Source::File(path.to_path_buf());
+        if !defaults.contains_key(&k) {
+            return Err(unknown_key(&origin(&k, &source), &k, &defaults));
+        }
+        check_value::<ServerConfig>(&defaults, &k, &v, &origin(&k, &source))?;
+        sources.insert(k.clone(), source);
+        merged.insert(k, v);
     }
     let mut env: Vec<(String, String)> = env
         .into_iter()
@@ -534,37 +630,34 @@ pub fn layered_server(
             .ok()
             .and_then(|mut t| t.remove("v"))
             .unwrap_or(toml::Value::String(raw));
-        sources.insert(key.clone(), Source::Env(var));
+        let source = Source::Env(var);
+        check_value::<ServerConfig>(&defaults, &key, &value, &origin(&key, &source))?;
+        sources.insert(key.clone(), source);
         merged.insert(key, value);
     }
     for (k, v) in cli {
+        check_value::<ServerConfig>(&defaults, &k, &v, &origin(&k, &Source::CommandLine))?;
         sources.insert(k.clone(), Source::CommandLine);
         merged.insert(k, v);
     }
+    let from = |key: &str| origin(key, sources.get(key).unwrap_or(&Source::Default));
     if let Some(toml::Value::String(listen)) = merged.get("listen") {
         if listen.parse::<SocketAddr>().is_err() {
-            let from = sources.get("listen").cloned().unwrap_or(Source::Default);
             let (host, port) = split_host_port(listen)
-                .map_err(|e| ConfigError(format!("{e} for `listen` (from {from})")))?;
+                .map_err(|e| ConfigError(format!("{}: {e} for `listen`", from("listen"))))?;
             let addr = resolve(&host, port).map_err(|e| {
-                ConfigError(format!("cannot resolve `listen` \"{listen}\" (from {from}): {e}"))
+                ConfigError(format!("{}: cannot resolve `listen` \"{listen}\": {e}", from("listen")))
             })?;
             merged.insert("listen".into(), toml::Value::String(addr.to_string()));
         }
     }
-    let config: ServerConfig = merged.try_into().map_err(|e: toml::de::Error| {
-        // Name the layer the bad value came from.
-        let msg = e.to_string();
-        let culprit =
-            sources.iter().find(|(k, _)| msg.contains(k.as_str())).map(|(k, s)| format!(" (`{k}` from {s})"));
-        ConfigError(format!("{origin}: {}{}", msg.trim_end(), culprit.unwrap_or_default()))
-    })?;
+    let config: ServerConfig = merged
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError(format!("{file_name}: {}", e.to_string().trim_end())))?;
     config.validate().map_err(|e| {
-        let culprit = sources
-            .iter()
-            .find(|(k, _)| e.0.contains(&format!("`{k}`")))
-            .map(|(_, s)| format!(" (from {s})"));
-        ConfigError(format!("{origin}: {e}{}", culprit.unwrap_or_default()))
+        // Said where the offending value came from (the first key the message names).
+        let culprit = defaults.keys().find(|k| e.0.contains(&format!("`{k}`")));
+        ConfigError(format!("{}: {e}", culprit.map_or(file_name.clone(), |k| from(k))))
     })?;
     Ok(Layered { config, sources, ignored_env })
 }

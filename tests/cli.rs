@@ -1112,3 +1112,140 @@ fn messages_carry_their_posting_time() {
     // (The --json run above caught alice up: no push this time.)
     assert_eq!(lines[1..], [HISTORY_1.to_string(), format!("  {when} [bob] what time is it?")], "{stdout}");
 }
+
+// ------------------------------------------------------------------ 14. the daemon's command line
+
+/// `udpmsgd ARGS` in `dir` with `env` set (and no other UDPMSG_* variable), stdin closed.
+fn udpmsgd_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Exit {
+    let start = Instant::now();
+    let mut cmd = common::daemon_command("udpmsgd");
+    cmd.args(args).current_dir(dir).env("RUST_LOG", "info").stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run udpmsgd");
+    Exit {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).trim_end().to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+        took: start.elapsed(),
+    }
+}
+
+/// Admin commands never create a database: without --data-dir (or with a wrong one) they say
+/// where they looked, instead of creating ./data/udpmsg.db and listing nobody.
+#[test]
+fn admin_commands_never_create_a_database() {
+    let dir = TempDir::new("admin-nodb");
+    for args in [&["user", "list"][..], &["user", "del", "alice"], &["user", "passwd", "alice"]] {
+        let e = udpmsgd_env(args, dir.path(), &[]);
+        assert_eq!(e.code, Some(1), "{args:?}: {e:#?}");
+        assert_eq!(
+            e.stderr,
+            "udpmsgd: no database at ./data/udpmsg.db (use --data-dir, or start udpmsgd once to create it there)",
+            "{args:?}"
+        );
+        assert!(!dir.path().join("data").exists(), "{args:?} created ./data");
+    }
+    // With the daemon's data directory, they work.
+    let d = daemon();
+    let data = d.dir.path().join("data");
+    let e = udpmsgd_env(&["--data-dir", data.to_str().unwrap(), "user", "list"], dir.path(), &[]);
+    assert_eq!(e.code, Some(0), "{e:#?}");
+}
+
+/// The address is printed once (stdout, for scripts), not also in the log; a daemon that cannot
+/// bind says so once, before creating any database; a new database is created at the current
+/// schema, without a migration per old version.
+#[test]
+fn the_daemon_says_things_once_and_in_order() {
+    let dir = TempDir::new("once");
+    let mut child = common::daemon_command("udpmsgd")
+        .args(["--listen", "127.0.0.1:0", "--data-dir", "first"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = Lines::new(child.stdout.take().unwrap());
+    let mut stderr = Lines::new(child.stderr.take().unwrap());
+    let line =
+        stdout.wait_for(Duration::from_secs(20), |l| l.starts_with("listening on ")).expect("listening");
+    let addr = line["listening on ".len()..].to_string();
+
+    let e = udpmsgd_env(&["--listen", &addr, "--data-dir", "second"], dir.path(), &[]);
+    assert_eq!(e.code, Some(1), "{e:#?}");
+    assert_eq!(e.stderr.matches("cannot bind").count(), 1, "{e:#?}");
+    assert!(e.stderr.starts_with(&format!("udpmsgd: cannot bind {addr}: ")), "{e:#?}");
+    assert!(!dir.path().join("second").exists(), "a database was created before the bind failed");
+
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    assert!(wait_timeout(&mut child, Duration::from_secs(10)).is_some_and(|s| s.success()));
+    let out = stdout.rest(Duration::from_secs(5));
+    let err = stderr.rest(Duration::from_secs(5));
+    assert_eq!(out, vec![format!("listening on {addr}")]);
+    assert!(!err.iter().any(|l| l.contains(&addr)), "the address again in the log: {err:#?}");
+    assert!(err.iter().any(|l| l.contains("created a new database (schema version")), "{err:#?}");
+    assert!(!err.iter().any(|l| l.contains("migrat")), "a new database needs no migration: {err:#?}");
+}
+
+/// Each configuration error names where the value came from: the environment, a flag, or the
+/// file with its line; an unknown key gets the likely one and the list of all.
+#[test]
+fn configuration_errors_name_their_origin() {
+    let dir = TempDir::new("cfg-origin");
+    let check = |env: &[(&str, &str)], args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["config", "check"]);
+        udpmsgd_env(&all, dir.path(), env)
+    };
+    // From the environment, with no server.toml anywhere.
+    let e = check(&[("UDPMSG_MAX_TEXT_BYTES", "abc")], &[]);
+    assert_eq!(e.code, Some(2), "{e:#?}");
+    assert_eq!(
+        e.stderr,
+        "udpmsgd: environment UDPMSG_MAX_TEXT_BYTES: invalid value \"abc\" for `max_text_bytes`: \
+         invalid type: string \"abc\", expected u32"
+    );
+    let e = check(&[("UDPMSG_MAX_RETRIEVE", "0")], &[]);
+    assert!(e.stderr.starts_with("udpmsgd: environment UDPMSG_MAX_RETRIEVE: invalid value 0"), "{e:#?}");
+    let e = check(&[("UDPMSG_MAX_TXT_BYTES", "5")], &[]);
+    assert_eq!(e.code, Some(0), "an unknown variable is ignored: {e:#?}");
+    assert!(
+        e.stderr.contains("UDPMSG_MAX_TXT_BYTES: no such setting (did you mean UDPMSG_MAX_TEXT_BYTES?)"),
+        "{e:#?}"
+    );
+    // From a flag.
+    let e = check(&[], &["--listen", "localhost:x"]);
+    assert_eq!(e.code, Some(2), "{e:#?}");
+    assert!(e.stderr.starts_with("udpmsgd: --listen: invalid address \"localhost:x\""), "{e:#?}");
+    // From the file, with the line.
+    std::fs::write(dir.path().join("server.toml"), "# limits\nmax_inbox = 10\nmax_txt_bytes = 5\n").unwrap();
+    let e = check(&[], &[]);
+    assert_eq!(e.code, Some(2), "{e:#?}");
+    assert!(
+        e.stderr.starts_with("udpmsgd: server.toml:3: unknown key `max_txt_bytes` (did you mean `max_text_bytes`?); the keys are: "),
+        "{e:#?}"
+    );
+    assert!(e.stderr.contains("listen, log_level"), "every key listed: {e:#?}");
+    std::fs::write(dir.path().join("server.toml"), "max_inbox = 10\nmax_text_bytes = \"lots\"\n").unwrap();
+    let e = check(&[], &[]);
+    assert!(
+        e.stderr.starts_with("udpmsgd: server.toml:2: invalid value \"lots\" for `max_text_bytes`"),
+        "{e:#?}"
+    );
+    std::fs::remove_file(dir.path().join("server.toml")).unwrap();
+
+    // The client's file, the same way.
+    std::fs::write(dir.path().join("client.toml"), "\nsever = \"localhost\"\n").unwrap();
+    let e = run_bin("udpmsg", &["ping"], dir.path(), None, Duration::from_secs(10));
+    assert_eq!(e.code, Some(2), "{e:#?}");
+    assert!(
+        e.stderr.starts_with(
+            "udpmsg: client.toml:2: unknown key `sever` (did you mean `server`?); the keys are: "
+        ),
+        "{e:#?}"
+    );
+}

@@ -189,7 +189,7 @@ impl Daemon {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let mut s = st.lock().expect("not poisoned");
-                if line.contains("listening on") {
+                if line.contains(" ready (storage") {
                     listening = true;
                 }
                 if !listening && s.early.len() < 50 {

@@ -12,9 +12,18 @@ use udpmsg::proto;
 use udpmsg::store::sqlite::{Access, SqliteStore};
 use udpmsg::store::{Store, Write};
 
+/// Opens the daemon's database, which must exist: an admin command never creates one (a
+/// mistyped or forgotten --data-dir would otherwise leave a stray database behind, silently).
 fn open(cfg: &ServerConfig) -> Result<SqliteStore, String> {
     if cfg.storage != StorageKind::Sqlite {
         return Err("storage is \"memory\": there are no stored accounts to manage".into());
+    }
+    let db = cfg.data_dir.join(udpmsg::store::sqlite::DB_FILE);
+    if !db.exists() {
+        return Err(format!(
+            "no database at {} (use --data-dir, or start udpmsgd once to create it there)",
+            db.display()
+        ));
     }
     SqliteStore::open_as(&cfg.data_dir, cfg.max_inbox as usize, Access::Admin).map_err(|e| e.to_string())
 }

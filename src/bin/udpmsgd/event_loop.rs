@@ -78,6 +78,10 @@ pub fn run(
             .map_err(|e| e.to_string())?;
     }
 
+    // The socket before the store: a daemon that cannot bind must not create a database first.
+    let mut socket = bind(cfg.listen).map_err(|e| format!("cannot bind {}: {e}", cfg.listen))?;
+    let local = socket.local_addr().map_err(|e| e.to_string())?;
+
     let mut store: Box<dyn Store + Send> = match cfg.storage {
         StorageKind::Sqlite => {
             Box::new(SqliteStore::open(&cfg.data_dir, cfg.max_inbox as usize).map_err(|e| e.to_string())?)
@@ -91,8 +95,6 @@ pub fn run(
         info!("signal received while starting, not serving");
         return Ok(());
     }
-    let mut socket = bind(cfg.listen).map_err(|e| format!("cannot bind {}: {e}", cfg.listen))?;
-    let local = socket.local_addr().map_err(|e| e.to_string())?;
     poll.registry()
         .register(&mut socket, SOCKET, Interest::READABLE | Interest::WRITABLE)
         .map_err(|e| e.to_string())?;
@@ -124,7 +126,8 @@ pub fn run(
     // What the store thread is doing, if anything: one job at a time.
     let mut store_busy = false;
 
-    info!("listening on {local} (storage: {storage:?}, protocol v{})", udpmsg::proto::VERSION);
+    // The address goes to stdout (on_listening), once; the log says the rest.
+    info!("ready (storage: {storage:?}, protocol v{})", udpmsg::proto::VERSION);
     on_listening(local);
 
     let mut events = Events::with_capacity(256);

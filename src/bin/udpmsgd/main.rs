@@ -84,7 +84,12 @@ fn main() -> ExitCode {
     };
     init_logging(&layered.config.log_level);
     for var in &layered.ignored_env {
-        log::warn!("ignoring environment variable {var}: udpmsgd has no such setting");
+        match config::env_meant(var) {
+            Some(meant) => {
+                log::warn!("ignoring environment variable {var}: no such setting (did you mean {meant}?)")
+            }
+            None => log::warn!("ignoring environment variable {var}: udpmsgd has no such setting"),
+        }
     }
     match &args.command {
         Some(Cmd::Config { action: ConfigCmd::Print }) => {
@@ -128,7 +133,7 @@ fn serve(args: Args, layered: Layered) -> ExitCode {
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            log::error!("{e}");
+            // Once: the log goes to stderr too.
             eprintln!("udpmsgd: {e}");
             ExitCode::from(1)
         }
