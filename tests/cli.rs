@@ -90,12 +90,14 @@ fn wait_json(lines: &mut Lines, what: &str, pred: impl Fn(&Value) -> bool) -> Va
     }
 }
 
+/// Parses JSON lines; each must be an object whose first key is `type`, as the README shows.
 fn parse_json_lines(lines: &[String]) -> Vec<Value> {
     lines
         .iter()
         .map(|l| {
             let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"));
             assert!(v.is_object(), "not a JSON object: {l:?}");
+            assert!(l.starts_with("{\"type\":\""), "`type` is not the first key: {l:?}");
             v
         })
         .collect()
@@ -583,10 +585,17 @@ fn json_output_is_one_object_per_line() {
     assert_eq!(v["type"], "error", "{v}");
     assert_eq!(v["message"], "not logged in: use login#USER&PASSWORD first", "{v}");
 
+    // help is an object too, listing every command.
+    alice.send("help");
+    let v = wait_json(&mut alice.stdout, "alice", |v| v["type"] == "help");
+    let commands = v["commands"].as_array().expect("commands");
+    assert_eq!(commands.len(), udpmsg::command::COMMANDS.len(), "{v}");
+    assert_eq!(commands[0]["usage"], "register#USER&PASSWORD", "{v}");
+
     assert_eq!(quit(&mut alice), Some(1));
     let all = alice.stdout.rest(Duration::from_secs(5));
-    // login, subscribe, push, retrieve, 3 errors, logout, 1 error: nothing else.
-    assert_eq!(parse_json_lines(&all).len(), 9, "{all:#?}");
+    // login, subscribe, push, retrieve, 3 errors, logout, 1 error, help: nothing else.
+    assert_eq!(parse_json_lines(&all).len(), 10, "{all:#?}");
     assert!(alice.stderr.rest(Duration::from_secs(5)).is_empty(), "{:#?}", alice.stderr.seen);
 }
 
@@ -1247,5 +1256,165 @@ fn configuration_errors_name_their_origin() {
             "udpmsg: client.toml:2: unknown key `sever` (did you mean `server`?); the keys are: "
         ),
         "{e:#?}"
+    );
+}
+
+// ------------------------------------------------------------------- 15. leaving and sessions
+
+/// `whoami` as a script that counts its own session: how many `user` has besides.
+fn other_sessions(addr: SocketAddr, user: &str, password: &str) -> usize {
+    let out = script_ok(addr, &[&format!("login#{user}&{password}"), "whoami"]);
+    let n: usize = out[1][user.len() + 2..].split(' ').next().unwrap().parse().unwrap();
+    n - 1
+}
+
+/// A script logs out when it ends: sixteen runs no longer use up the sixteen sessions a user may
+/// have (they used to lock carol out for five minutes), and none lingers.
+#[test]
+fn scripts_log_out_when_they_end() {
+    let d = daemon();
+    register(d.addr, "carol", "secret");
+    for i in 0..20 {
+        let out = script_ok(d.addr, &["login#carol&secret", "whoami"]);
+        assert_eq!(out, vec!["logged in as carol", "carol (1 session(s))"], "run {i}");
+    }
+    // --keep-session keeps it, for whoever wants that.
+    let out = run_client(d.addr, &["--keep-session", "login#carol&secret"], "");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    assert_eq!(other_sessions(d.addr, "carol", "secret"), 1);
+}
+
+/// A login while logged in ends that session first, and says so.
+#[test]
+fn a_login_while_logged_in_ends_that_session_first() {
+    let d = daemon();
+    register(d.addr, "erin", "secret");
+    register(d.addr, "bob", "hunter22");
+    let mut c = LiveClient::start(d.addr, &[]);
+    c.send("login#erin&secret");
+    wait_line(&mut c.stdout, "client", "logged in as erin");
+    c.send("login#bob&hunter22");
+    wait_line(&mut c.stdout, "client", "logged out erin");
+    wait_line(&mut c.stdout, "client", "logged in as bob");
+    assert_eq!(other_sessions(d.addr, "erin", "secret"), 0, "erin's session is gone");
+    // A wrong password while logged in: the old session ended, the new one did not start.
+    c.send("login#erin&wrong");
+    wait_line(&mut c.stdout, "client", "logged out bob");
+    wait_line(&mut c.stderr, "client", BAD_CREDENTIALS);
+    c.send("whoami");
+    wait_line(&mut c.stderr, "client", NOT_LOGGED_IN);
+    assert_eq!(other_sessions(d.addr, "bob", "hunter22"), 0);
+}
+
+/// A registration logs in to the new account, unless someone else is logged in.
+#[test]
+fn registration_logs_in_unless_someone_else_is() {
+    let d = daemon();
+    let out = script_ok(d.addr, &["register#alice&secret", "whoami", "register#bob&hunter22", "whoami"]);
+    assert_eq!(
+        out,
+        vec![
+            "registered alice; logging in",
+            "logged in as alice",
+            "alice (1 session(s))",
+            "registered bob; you are still logged in as alice (login#bob&PASSWORD switches)",
+            "alice (1 session(s))",
+        ]
+    );
+}
+
+/// SIGINT ends a script: it abandons what is in flight, logs out, and exits 130.
+#[test]
+fn sigint_ends_a_script_logging_out() {
+    let silent_for_a_while = daemon();
+    register(silent_for_a_while.addr, "carol", "secret");
+    let mut c = LiveClient::start(silent_for_a_while.addr, &[]);
+    c.send("login#carol&secret");
+    wait_line(&mut c.stdout, "client", "logged in as carol");
+    assert_eq!(other_sessions(silent_for_a_while.addr, "carol", "secret"), 1);
+    let _ = Command::new("kill").arg("-INT").arg(c.child.id().to_string()).status();
+    let status = wait_timeout(&mut c.child, Duration::from_secs(5));
+    assert_eq!(status.and_then(|s| s.code()), Some(130));
+    assert_eq!(other_sessions(silent_for_a_while.addr, "carol", "secret"), 0, "logged out on the way out");
+}
+
+/// A logout that gets no answer delays the exit by 2 s at most, and the user hears why.
+#[test]
+fn leaving_waits_for_the_logout_two_seconds_at_most() {
+    let d = daemon();
+    register(d.addr, "carol", "secret");
+    // Through a proxy that the test closes after the login: the logout goes nowhere.
+    let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let release = Arc::new(AtomicBool::new(false));
+    let forwarder = {
+        let (stop, release) = (stop.clone(), release.clone());
+        let daemon = d.addr;
+        thread::spawn(move || {
+            relay.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let upstream = UdpSocket::bind("127.0.0.1:0").unwrap();
+            upstream.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut client = None;
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = relay.recv_from(&mut buf) {
+                    client = Some(from);
+                    let _ = upstream.send_to(&buf[..n], daemon);
+                }
+                if let (Ok((n, _)), Some(c)) = (upstream.recv_from(&mut buf), client) {
+                    let _ = relay.send_to(&buf[..n], c);
+                }
+            }
+            // Keep the port, silently (no refusals), until the client is gone.
+            while !release.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let mut c = LiveClient::start(relay_addr, &[]);
+    c.send("login#carol&secret");
+    wait_line(&mut c.stdout, "client", "logged in as carol");
+    stop.store(true, Ordering::Relaxed);
+    thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    let code = c.finish();
+    let took = start.elapsed();
+    release.store(true, Ordering::Relaxed);
+    assert_eq!(code, Some(0), "the commands succeeded");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(4), "took {took:?}");
+    wait_line(
+        &mut c.stderr,
+        "client",
+        &format!("could not log out carol (no answer from {relay_addr} within 2 s); the session ends when it idles out"),
+    );
+    forwarder.join().unwrap();
+}
+
+// --------------------------------------------------------------------------- 16. connecting
+
+/// Against a port where nothing listens, a command fails at once, naming itself (it waited 23 s
+/// in silence); a timeout names its command too.
+#[test]
+fn nothing_listening_fails_at_once() {
+    let closed = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let start = Instant::now();
+    let out = run_client(addr, &["ping", "login#alice&secret"], "");
+    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
+    assert_eq!(out.code, Some(1), "{out:#?}");
+    assert_eq!(
+        out.stderr,
+        vec![
+            format!("error: ping: nothing listens at {addr} (connection refused)"),
+            format!("error: login: nothing listens at {addr} (connection refused)"),
+        ]
+    );
+    let out = run_client(addr, &["--json", "ping"], "");
+    let v = parse_json_lines(&out.stdout);
+    assert_eq!(
+        (v[0]["type"].as_str(), v[0]["command"].as_str(), v[0]["code"].as_str()),
+        (Some("error"), Some("ping"), Some("Refused"))
     );
 }

@@ -75,12 +75,10 @@ impl Tmux {
         assert!(self.tmux(&args).status.success());
     }
 
-    #[allow(dead_code)] // used by the tests that follow in later commits
     fn type_text(&self, text: &str) {
         assert!(self.tmux(&["send-keys", "-t", "main", "-l", text]).status.success());
     }
 
-    #[allow(dead_code)] // used by the tests that follow in later commits
     /// Pastes `text` as a terminal would: in bracketed-paste markers when the program asked.
     fn paste(&self, text: &str) {
         assert!(self.tmux(&["set-buffer", "-b", "clip", "--", text]).status.success());
@@ -113,7 +111,6 @@ impl Tmux {
         }
     }
 
-    #[allow(dead_code)] // used by the tests that follow in later commits
     /// Waits for a line equal to `line`.
     fn wait_line(&self, line: &str) -> Vec<String> {
         self.wait(&format!("line {line:?}"), |s| s.iter().any(|l| l == line))
@@ -124,7 +121,6 @@ impl Tmux {
         self.wait(&format!("{n} x {line:?}"), |s| s.iter().filter(|l| *l == line).count() >= n)
     }
 
-    #[allow(dead_code)] // used by the tests that follow in later commits
     /// Waits for the program to exit; returns its status.
     fn wait_exit(&self) -> i32 {
         let s = self.wait("exit", |s| s.iter().any(|l| l.starts_with("[exit status ")));
@@ -158,13 +154,25 @@ fn daemon() -> Daemon {
     Daemon::start(FAST_CONFIG)
 }
 
-#[allow(dead_code)] // used by the tests that follow in later commits
 fn register(addr: SocketAddr, user: &str, password: &str) {
     let out = run_client(addr, &[], &format!("register#{user}&{password}\n"));
     assert_eq!(out.code, Some(0), "{out:#?}");
 }
 
-#[allow(dead_code)]
+/// How many sessions `user` has, asked by a script of its own (which counts itself).
+fn sessions(addr: SocketAddr, user: &str, password: &str) -> usize {
+    let out = run_client(addr, &[&format!("login#{user}&{password}"), "whoami"], "");
+    let line = out.stdout.iter().find(|l| l.starts_with(&format!("{user} ("))).expect("whoami answered");
+    line[user.len() + 2..].split(' ').next().unwrap().parse::<usize>().unwrap() - 1
+}
+
+/// Logs in at the REPL and waits for it.
+fn login(t: &Tmux, user: &str, password: &str) {
+    t.type_text(&format!("login#{user}&{password}"));
+    t.keys(&["Enter"]);
+    t.wait_line(&format!("logged in as {user}"));
+}
+
 fn history_file(home: &Path) -> PathBuf {
     home.join("data").join("udpmsg").join("history")
 }
@@ -188,4 +196,225 @@ fn type_ahead_is_not_lost() {
         });
         assert_eq!(s.iter().filter(|l| *l == "> help").count(), round, "{}", s.join("\n"));
     }
+}
+
+// ------------------------------------------------------------------------------- paste
+
+/// A bracketed paste of three lines runs three commands; it used to be one direct message
+/// whose text was the rest of the paste.
+#[test]
+fn pasted_lines_run_one_command_each() {
+    let d = daemon();
+    register(d.addr, "alice", "secret");
+    register(d.addr, "bob", "hunter22");
+    let home = TempDir::new("repl-paste");
+    let Some(t) = repl(d.addr, home.path(), &[]) else { return };
+    login(&t, "alice", "secret");
+    t.paste("send#bob&first line\npost#second line\nwhoami");
+    t.keys(&["Enter"]);
+    t.wait_line("sent to bob");
+    t.wait_line("posted to 0 subscriber(s)");
+    t.wait_line("alice (1 session(s))");
+    let bob = run_client(d.addr, &["login#bob&hunter22", "retrieve#5"], "");
+    assert!(bob.stdout.contains(&"  [alice -> you] first line".to_string()), "{bob:#?}");
+    assert_eq!(
+        bob.stdout.iter().filter(|l| l.contains("[alice")).count(),
+        2,
+        "the catch-up and the history: {bob:#?}"
+    );
+}
+
+// ------------------------------------------------------------------------------ Ctrl-C
+
+/// Ctrl-C clears a half-typed line and never leaves; on an empty prompt it says how to leave.
+#[test]
+fn ctrl_c_clears_the_line_and_does_not_leave() {
+    let d = daemon();
+    let home = TempDir::new("repl-ctrlc");
+    let Some(t) = repl(d.addr, home.path(), &[]) else { return };
+    t.wait_line(&format!("connected to {}", d.addr));
+    t.type_text("post#half typ");
+    t.keys(&["C-c"]);
+    t.keys(&["C-c"]);
+    t.wait_line("(to leave, type quit or press Ctrl-D)");
+    t.keys(&["ping", "Enter"]);
+    let s = t.wait("a pong", |s| s.iter().any(|l| l.starts_with("pong in ")));
+    assert!(!s.iter().any(|l| l.starts_with("[exit status")), "{}", s.join("\n"));
+    assert!(!s.iter().any(|l| l.contains("posted")), "the cleared line did not run: {}", s.join("\n"));
+    assert_eq!(s.iter().filter(|l| l.starts_with("> post#half typ")).count(), 1, "{}", s.join("\n"));
+}
+
+/// Ctrl-C while a command waits for an answer gives the prompt back at once, not when the
+/// retries run out (22 s with the defaults).
+#[test]
+fn ctrl_c_abandons_a_command_waiting_for_an_answer() {
+    // A daemon that never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let home = TempDir::new("repl-abandon");
+    let Some(t) = repl(silent.local_addr().unwrap(), home.path(), &[]) else { return };
+    t.keys(&["ping", "Enter", "whoami", "Enter"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    t.keys(&["C-c"]);
+    t.wait_line("ping abandoned; 1 command(s) typed after it dropped");
+    assert!(asked.elapsed() < Duration::from_secs(2), "took {:?}", asked.elapsed());
+    // The prompt is back and works.
+    t.keys(&["help", "Enter"]);
+    t.wait_line("commands (names in any case):");
+    drop(silent);
+}
+
+// -------------------------------------------------------------------------- completion
+
+/// Tab completes command names, then the user names a command takes, from those seen.
+#[test]
+fn tab_completes_commands_and_names() {
+    let d = daemon();
+    register(d.addr, "alice", "secret");
+    register(d.addr, "bob", "hunter22");
+    let home = TempDir::new("repl-tab");
+    let Some(t) = repl(d.addr, home.path(), &[]) else { return };
+    login(&t, "alice", "secret");
+    t.keys(&["users#*", "Enter"]);
+    t.wait_line("bob");
+    t.type_text("whoa");
+    t.keys(&["Tab"]);
+    t.wait("whoami completed", |s| s.last().is_some_and(|l| l == "> whoami"));
+    t.keys(&["C-u"]);
+    t.type_text("subscribe#b");
+    t.keys(&["Tab"]);
+    t.wait("bob completed", |s| s.last().is_some_and(|l| l == "> subscribe#bob"));
+    t.keys(&["Enter"]);
+    t.wait_line("subscribed to bob");
+    t.type_text("sen");
+    t.keys(&["Tab"]);
+    t.type_text("bo");
+    t.keys(&["Tab"]);
+    t.wait("send#bob& completed", |s| s.last().is_some_and(|l| l == "> send#bob&"));
+}
+
+// ----------------------------------------------------------------------------- history
+
+/// History persists across runs in a file of mode 0600 under XDG_DATA_HOME, and no line that
+/// may hold a password enters it (typos of the command names included).
+#[test]
+fn history_persists_privately_without_passwords() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = daemon();
+    register(d.addr, "alice", "secret");
+    let home = TempDir::new("repl-history");
+    {
+        let Some(t) = repl(d.addr, home.path(), &[]) else { return };
+        for line in ["Login#alice&secret", "login alice secret", "loign#alice&secret", "ping", "post#hello"] {
+            t.type_text(line);
+            t.keys(&["Enter"]);
+        }
+        t.wait_line("posted to 0 subscriber(s)");
+        t.keys(&["quit", "Enter"]);
+        assert_eq!(t.wait_exit(), 0);
+    }
+    let file = history_file(home.path());
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{}", file.display());
+    let dir_mode = std::fs::metadata(file.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("secret"), "a password in the history: {text:?}");
+    let entries: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(entries, ["ping", "post#hello", "quit"]);
+
+    // The next run has it: Up shows the last line.
+    let Some(t) = repl(d.addr, home.path(), &[]) else { return };
+    t.keys(&["Up", "Up"]);
+    t.wait("the history", |s| s.last().is_some_and(|l| l == "> post#hello"));
+}
+
+// ----------------------------------------------------------------------------- leaving
+
+/// quit logs out (and says so) before leaving: the session does not linger on the daemon.
+#[test]
+fn quit_logs_out() {
+    let d = daemon();
+    register(d.addr, "carol", "secret");
+    let home = TempDir::new("repl-quit");
+    for leave in [&["quit", "Enter"][..], &["exit", "Enter"], &["C-d"]] {
+        let Some(t) = repl(d.addr, home.path(), &[]) else { return };
+        login(&t, "carol", "secret");
+        assert_eq!(sessions(d.addr, "carol", "secret"), 1);
+        t.keys(leave);
+        t.wait_line("logged out carol");
+        assert_eq!(t.wait_exit(), 0, "{leave:?}");
+        assert_eq!(sessions(d.addr, "carol", "secret"), 0, "{leave:?}");
+    }
+}
+
+/// delete# asks first, and only `yes` deletes.
+#[test]
+fn delete_asks_for_confirmation() {
+    let d = daemon();
+    register(d.addr, "dora", "secret");
+    let home = TempDir::new("repl-delete");
+    let Some(t) = repl(d.addr, home.path(), &[]) else { return };
+    login(&t, "dora", "secret");
+    t.keys(&["delete#secret", "Enter"]);
+    t.wait_line(
+        "delete the account dora, with its messages and subscriptions, for good? type yes to confirm",
+    );
+    t.keys(&["no", "Enter"]);
+    t.wait_line("not deleted");
+    t.keys(&["delete#wrong", "Enter", "yes", "Enter"]);
+    t.wait_line("error: wrong password: the account was not deleted");
+    t.keys(&["delete#secret", "Enter", "yes", "Enter"]);
+    t.wait_line("account deleted");
+}
+
+// --------------------------------------------------------------------------- connecting
+
+/// The banner does not claim contact: against a port where nothing listens the REPL says so at
+/// once, and so does every command.
+#[test]
+fn nothing_listening_is_said_at_once() {
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let home = TempDir::new("repl-refused");
+    let Some(t) = repl(addr, home.path(), &[]) else { return };
+    let s = t.wait_line(&format!(
+        "nothing listens at {addr} (connection refused): is udpmsgd running there? retrying in the background"
+    ));
+    assert!(!s.iter().any(|l| l.contains("connected to") || l.contains("talking to")), "{}", s.join("\n"));
+    let asked = Instant::now();
+    t.keys(&["ping", "Enter"]);
+    t.wait_line(&format!("error: ping: nothing listens at {addr} (connection refused)"));
+    assert!(asked.elapsed() < Duration::from_secs(2), "took {:?}", asked.elapsed());
+}
+
+/// When the daemon stops, an idle REPL says so (within a keepalive interval), and says so again
+/// when it is back.
+#[test]
+fn lost_contact_and_reconnected() {
+    let dir = TempDir::new("repl-lost");
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, FAST_CONFIG).unwrap();
+    let data = dir.path().join("data");
+    let mut d = DaemonProcess::spawn(&config, "127.0.0.1:0", &data);
+    let addr = d.wait_listening(Duration::from_secs(20)).expect("listening");
+    register(addr, "erin", "secret");
+    let client_toml = dir.path().join("client.toml");
+    std::fs::write(&client_toml, "ping_interval_secs = 1\n").unwrap();
+    let Some(t) = repl(addr, dir.path(), &["--config", client_toml.to_str().unwrap()]) else { return };
+    login(&t, "erin", "secret");
+
+    d.terminate(Duration::from_secs(10)).expect("the daemon stops");
+    t.wait_line(&format!(
+        "lost contact with {addr}: nothing listens there now (connection refused); retrying"
+    ));
+    let mut d = DaemonProcess::spawn(&config, &addr.to_string(), &data);
+    d.wait_listening(Duration::from_secs(20)).expect("back on the same port");
+    t.wait_line(&format!("reconnected to {addr}"));
+    // The session survived the restart.
+    t.keys(&["whoami", "Enter"]);
+    t.wait_line("erin (1 session(s))");
+    let s = t.screen();
+    assert_eq!(s.iter().filter(|l| l.starts_with("lost contact")).count(), 1, "said once: {}", s.join("\n"));
 }

@@ -62,7 +62,7 @@ struct Args {
 
 const AFTER_HELP: &str = "Commands use the syntax command#arg&arg; type `help` in the REPL for the list.\n\
 Exit status in script mode: 0 if every command succeeded, 1 otherwise, 2 for a bad configuration, \
-130 when interrupted.";
+130 when interrupted. The REPL exits 0 when left with quit, exit or Ctrl-D.";
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -272,9 +272,10 @@ fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, St
         }
     }
     link.flush();
+    // The exit status reports on a script's commands; a REPL left normally exits 0.
     Ok(if driver.interrupted() {
         ExitCode::from(130)
-    } else if driver.failures() == 0 {
+    } else if driver.failures() == 0 || interactive {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
