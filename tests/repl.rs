@@ -418,3 +418,96 @@ fn lost_contact_and_reconnected() {
     let s = t.screen();
     assert_eq!(s.iter().filter(|l| l.starts_with("lost contact")).count(), 1, "said once: {}", s.join("\n"));
 }
+
+// ------------------------------------------------------------------------------- README
+
+/// The README's quick start, replayed as written: the daemon's lines (less their timestamps),
+/// and what terminals 2 and 3 show as their lines are typed (less message times; the address is
+/// the test daemon's). If this fails, the README or the client changed: make them agree.
+#[test]
+fn readme_quick_start_works_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("## Quick start").expect("a quick start");
+    let end = start + readme[start..].find("\n## ").expect("a section after it");
+    let mut steps: Vec<(u32, Vec<String>)> = Vec::new();
+    let (mut terminal, mut block) = (0, None::<Vec<String>>);
+    for line in readme[start..end].lines() {
+        if let Some(rest) = line.strip_prefix("**Terminal ") {
+            terminal = rest[..1].parse().expect("a terminal number");
+        } else if line == "```console" {
+            block = Some(Vec::new());
+        } else if line == "```" && block.is_some() {
+            steps.push((terminal, block.take().unwrap()));
+        } else if let Some(b) = &mut block {
+            b.push(line.to_string());
+        }
+    }
+    assert_eq!(steps.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3, 2, 3], "the walk-through's shape");
+
+    // Terminal 1, in a fresh directory: the daemon on its defaults, but for the port.
+    let daemon_lines = &steps[0].1;
+    assert_eq!(daemon_lines[0], "$ target/release/udpmsgd");
+    let dir = TempDir::new("readme");
+    let mut child = common::daemon_command("udpmsgd")
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = Lines::new(child.stdout.take().unwrap());
+    let mut stderr = Lines::new(child.stderr.take().unwrap());
+    let _daemon = Reap(child);
+    let listening = stdout.wait_for(WAIT, |l| l.starts_with("listening on ")).expect("terminal 1: listening");
+    let addr: SocketAddr = listening["listening on ".len()..].parse().unwrap();
+    let ours = |l: &str| l.replace("127.0.0.1:7070", &addr.to_string());
+    assert_eq!(ours(daemon_lines.last().unwrap()), listening);
+    for line in &daemon_lines[1..daemon_lines.len() - 1] {
+        // `[TIMESTAMP LEVEL target] message`: all but the timestamp must match.
+        let what = line.split_once(' ').expect("a log line").1;
+        stderr
+            .wait_for(WAIT, |l| l.split_once(' ').is_some_and(|(_, w)| w == what))
+            .unwrap_or_else(|| panic!("the daemon did not log {what:?}; it logged {:#?}", stderr.seen));
+    }
+
+    // Terminals 2 and 3: each block's lines in order, typing the `> ` ones.
+    let home = TempDir::new("readme-home");
+    let mut terms: std::collections::HashMap<u32, (Tmux, usize)> = std::collections::HashMap::new();
+    for (n, lines) in &steps[1..] {
+        for line in lines {
+            if line == "$ target/release/udpmsg" {
+                let argv = [bin("udpmsg").display().to_string(), "--server".into(), addr.to_string()];
+                let home_s = home.path().display().to_string();
+                let data = home.path().join(format!("data{n}")).display().to_string();
+                let env = [("HOME", home_s.as_str()), ("XDG_DATA_HOME", data.as_str()), ("RUST_LOG", "warn")];
+                let Some(t) = Tmux::start(&argv, &env) else { return };
+                terms.insert(*n, (t, 0));
+                continue;
+            }
+            let (t, seen) = terms.get_mut(n).expect("the terminal was started");
+            if let Some(input) = line.strip_prefix("> ") {
+                t.type_text(input);
+                t.keys(&["Enter"]);
+            }
+            let want = untimed(&ours(line));
+            let from = *seen;
+            let s = t.wait(&format!("terminal {n}: {line:?}"), |s| {
+                s.iter().skip(from).any(|l| untimed(l) == want)
+            });
+            *seen = from + s.iter().skip(from).position(|l| untimed(l) == want).unwrap() + 1;
+        }
+    }
+    assert_eq!(terms[&3].0.wait_exit(), 0, "bob left");
+}
+
+/// Kills and reaps a child process when dropped.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

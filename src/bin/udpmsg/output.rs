@@ -203,7 +203,7 @@ pub fn human(item: &Item, clock: &Clock) -> Rendered {
                 "error: {command}: server speaks protocol v{server_version}, this client speaks v{}",
                 udpmsg::proto::VERSION
             )),
-            Event::SessionLost { error } => err(format!("session ended: {error}")),
+            Event::SessionLost { error } => err(error.to_string()),
             Event::Contact { server, change } => note(contact(server, change)),
         },
         Item::Failed { command, error, text_len } => {
