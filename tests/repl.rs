@@ -235,6 +235,11 @@ fn ctrl_c_clears_the_line_and_does_not_leave() {
     t.wait_line(&format!("connected to {}", d.addr));
     t.type_text("post#half typ");
     t.keys(&["C-c"]);
+    // A fresh prompt under the cleared line. (Wait for it: what is typed with or right after a
+    // Ctrl-C is discarded with it, as a terminal's own Ctrl-C flushes its input.)
+    t.wait("a fresh prompt", |s| {
+        s.len() >= 2 && s[s.len() - 2] == "> post#half typ" && s[s.len() - 1] == ">"
+    });
     t.keys(&["C-c"]);
     t.wait_line("(to leave, type quit or press Ctrl-D)");
     t.keys(&["ping", "Enter"]);

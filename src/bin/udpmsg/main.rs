@@ -208,7 +208,7 @@ fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, St
     let (tx, rx) = mpsc::channel();
     // The loop keeps its own reference: if the input thread's were the last one, the thread
     // would close the eventfd right after its final wake-up, and epoll would drop that event.
-    spawn_signals(tx.clone(), waker.clone())?;
+    spawn_signals(tx.clone(), waker.clone(), interactive)?;
     spawn_input(args, interactive, tx, waker.clone(), names.clone())?;
 
     let now = Instant::now();
@@ -300,9 +300,11 @@ fn take_input(rx: &Receiver<Input>, driver: &mut Driver, out: &mut Out, now: Ins
     }
 }
 
-/// SIGINT is Ctrl-C (the REPL sees the key itself; a script gets the signal); SIGTERM and
-/// SIGHUP (the terminal went away) make the client log out and leave.
-fn spawn_signals(tx: Sender<Input>, waker: Arc<Waker>) -> Result<(), String> {
+/// SIGINT is Ctrl-C: a script gets the signal; the REPL sees the key itself while it edits a
+/// line, and gets the signal when Ctrl-C comes between two lines (the terminal is not in raw
+/// mode then), when nothing is being edited. SIGTERM and SIGHUP (the terminal went away) make
+/// the client log out and leave.
+fn spawn_signals(tx: Sender<Input>, waker: Arc<Waker>, interactive: bool) -> Result<(), String> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| format!("signals: {e}"))?;
@@ -310,8 +312,11 @@ fn spawn_signals(tx: Sender<Input>, waker: Arc<Waker>) -> Result<(), String> {
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                let input =
-                    if sig == SIGINT { Input::Interrupt { line_was_empty: false } } else { Input::Terminate };
+                let input = if sig == SIGINT {
+                    Input::Interrupt { line_was_empty: interactive }
+                } else {
+                    Input::Terminate
+                };
                 if tx.send(input).is_err() {
                     return;
                 }
