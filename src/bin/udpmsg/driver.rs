@@ -13,9 +13,11 @@
 //! # Policy
 //!
 //! - One command at a time, in input order; what the user typed ahead waits in a queue.
-//! - Leaving (`quit`, `exit`, Ctrl-D, the end of a script, SIGTERM) logs out first, waiting at
-//!   most [`EXIT_WAIT`], unless the session is to be kept (`--keep-session`): sessions no
-//!   longer pile up on the daemon until they idle out.
+//! - Leaving (`quit`, `exit`, Ctrl-D, the end of a script) logs out first, waiting at most
+//!   [`EXIT_WAIT`], unless the session is to be kept (`--keep-session`): sessions no longer pile
+//!   up on the daemon until they idle out. SIGTERM (and SIGINT in a script) leaves the same way,
+//!   after the command in flight, if any, within the same bound (a login in flight would
+//!   otherwise leave a session behind); a second signal leaves at once.
 //! - A login while logged in ends the current session first (`logged out erin`), whoever it is
 //!   for: the password is checked again, and no session is left behind.
 //! - A registration while logged out logs in to the new account with the same password.
@@ -148,8 +150,10 @@ pub struct Driver {
     /// A `delete` waiting for its `yes`.
     confirm: Option<Command>,
     input_done: bool,
-    /// The exit logout's deadline, once leaving has begun.
+    /// When the client leaves whatever happens, once leaving has begun.
     leaving: Option<Instant>,
+    /// Whether the logout on leaving has gone out.
+    logout_sent: bool,
     finished: bool,
     interrupted: bool,
     failures: u32,
@@ -174,6 +178,7 @@ impl Driver {
             confirm: None,
             input_done: false,
             leaving: None,
+            logout_sent: false,
             finished: false,
             interrupted: false,
             failures: 0,
@@ -218,6 +223,12 @@ impl Driver {
 
     /// Ctrl-C in the REPL (`line_was_empty`: nothing was typed at the prompt), or SIGINT.
     pub fn interrupt(&mut self, now: Instant, line_was_empty: bool) {
+        if !self.interactive {
+            // SIGINT ends a script, as SIGTERM does.
+            self.interrupted = true;
+            self.terminate(now);
+            return;
+        }
         if self.leaving.is_some() {
             // Asked twice: leave without waiting for the logout.
             self.finished = true;
@@ -251,14 +262,10 @@ impl Driver {
         } else if !abandoned && line_was_empty && self.interactive {
             self.items.push_back(Item::Notice(Notice::LeaveHint));
         }
-        if !self.interactive {
-            // SIGINT ends a script: log out and leave.
-            self.interrupted = true;
-            self.input_done = true;
-        }
     }
 
-    /// SIGTERM or SIGHUP: leave now, logging out (bounded); a second one leaves at once.
+    /// SIGTERM or SIGHUP: leave, after the command in flight and a logout, within
+    /// [`EXIT_WAIT`]; a second one leaves at once.
     pub fn terminate(&mut self, now: Instant) {
         if self.leaving.is_some() {
             self.finished = true;
@@ -266,11 +273,8 @@ impl Driver {
         }
         self.queue.clear();
         self.confirm = None;
-        if self.flight.as_ref().is_some_and(|f| !matches!(f.purpose, Purpose::ExitLogout { .. })) {
-            self.client.abandon(now);
-            self.flight = None;
-        }
         self.input_done = true;
+        self.leaving = Some(now + EXIT_WAIT);
     }
 
     pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
@@ -314,9 +318,9 @@ impl Driver {
             if self.finished {
                 return;
             }
-            if let (Some(deadline), Some(f)) = (self.leaving, &self.flight) {
+            if let Some(deadline) = self.leaving {
                 if now >= deadline {
-                    if let Purpose::ExitLogout { user } = &f.purpose {
+                    if let Some(Flight { purpose: Purpose::ExitLogout { user }, .. }) = &self.flight {
                         let why = format!(
                             "no answer from {} within {} s",
                             self.client.server(),
@@ -357,9 +361,10 @@ impl Driver {
 
     fn leave(&mut self, now: Instant) {
         match self.client.user() {
-            Some(user) if !self.keep_session && self.leaving.is_none() => {
+            Some(user) if !self.keep_session && !self.logout_sent => {
                 let user = user.to_string();
-                self.leaving = Some(now + EXIT_WAIT);
+                self.logout_sent = true;
+                self.leaving.get_or_insert(now + EXIT_WAIT);
                 self.submit(now, Command::Logout, Purpose::ExitLogout { user });
             }
             _ => self.finished = true,
@@ -516,7 +521,7 @@ impl Driver {
             },
             (_, e @ Event::Done(Done::LoggedIn { .. })) => {
                 self.items.push_back(Item::Event(e));
-                if self.interactive {
+                if self.interactive && !self.input_done {
                     self.queue.push_front(Step::Run(Command::Subscriptions, Purpose::Names));
                 }
             }

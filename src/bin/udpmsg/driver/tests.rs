@@ -263,18 +263,49 @@ fn ctrl_c_abandons_the_command_and_what_was_typed_after_it() {
 }
 
 #[test]
-fn sigint_ends_a_script_with_a_logout_and_a_second_one_at_once() {
+fn sigint_ends_a_script_after_the_command_in_flight_with_a_logout() {
     let t0 = Instant::now();
     let mut d = driver(false, false);
     login(&mut d, t0, "carol");
     d.line("post#x".into());
+    d.line("post#never".into());
     d.step(t0);
-    sent(&mut d);
+    let post = sent(&mut d);
     d.interrupt(t0, false);
     d.step(t0);
     assert!(d.interrupted());
-    assert_eq!(sent(&mut d).body, RequestBody::Logout);
+    nothing_sent(&mut d);
+    answer(&mut d, t0, &post, Ok(Response::Posted { id: 1, recipients: 0 }));
+    assert_eq!(sent(&mut d).body, RequestBody::Logout, "then the logout; the rest of the script is dropped");
+    // A second one leaves at once.
     d.interrupt(t0, false);
+    assert!(d.finished());
+}
+
+#[test]
+fn sigterm_during_a_login_waits_for_it_and_logs_out() {
+    let t0 = Instant::now();
+    let mut d = driver(true, false);
+    d.line("login#carol&pw".into());
+    d.step(t0);
+    let r = sent(&mut d);
+    d.terminate(t0);
+    d.step(t0);
+    // The daemon accepted the login: leaving now would leave that session behind.
+    answer(
+        &mut d,
+        t0,
+        &r,
+        Ok(Response::LoggedIn { token: Token([5; 16]), missed: 0, catching_up: 0, epoch: 1 }),
+    );
+    let ping = sent(&mut d);
+    answer(&mut d, t0, &ping, Ok(Response::SessionPong { epoch: 1 }));
+    assert_eq!(sent(&mut d).body, RequestBody::Logout);
+    assert!(!d.finished());
+    // All of it within EXIT_WAIT of the signal.
+    assert_eq!(d.poll_timeout().map(|t| t <= t0 + EXIT_WAIT), Some(true));
+    d.handle_timeout(t0 + EXIT_WAIT);
+    d.step(t0 + EXIT_WAIT);
     assert!(d.finished());
 }
 
