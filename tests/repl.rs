@@ -1,5 +1,6 @@
 //! The interactive client as a person at a terminal uses it: each test starts the real `udpmsg`
-//! in its own tmux server (a private `-L` socket, killed when the test ends), types into it with
+//! in its own tmux server (a private socket in a temporary directory; the server is killed and
+//! the directory removed when the test ends), types into it with
 //! `send-keys`, pastes with `paste-buffer -p` (bracketed paste), and asserts on what the pane
 //! shows (`capture-pane`).
 //!
@@ -12,7 +13,6 @@ use common::*;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// Upper bound for anything to appear on the screen.
@@ -20,10 +20,10 @@ const WAIT: Duration = Duration::from_secs(15);
 
 /// A tmux server of our own with one pane running a command.
 struct Tmux {
-    socket: String,
+    socket: PathBuf,
+    /// Holds the socket; removed after the server is killed.
+    _dir: TempDir,
 }
-
-static NEXT: AtomicUsize = AtomicUsize::new(0);
 
 fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -41,7 +41,8 @@ impl Tmux {
             eprintln!("SKIPPED: tmux is not installed (apt-get install tmux); the REPL tests need it");
             return None;
         }
-        let socket = format!("udpmsg-test-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let dir = TempDir::new("tmux");
+        let socket = dir.path().join("socket");
         // The pane outlives the program so that its last words and exit status stay readable.
         let mut line = String::from("env");
         for (k, v) in env {
@@ -51,7 +52,7 @@ impl Tmux {
             line.push_str(&format!(" {}", sh_quote(a)));
         }
         line.push_str("; echo \"[exit status $?]\"; exec sleep 600");
-        let t = Tmux { socket };
+        let t = Tmux { socket, _dir: dir };
         let out =
             t.tmux(&["-f", "/dev/null", "new-session", "-d", "-s", "main", "-x", "160", "-y", "50", &line]);
         assert!(out.status.success(), "tmux new-session: {}", String::from_utf8_lossy(&out.stderr));
@@ -60,7 +61,7 @@ impl Tmux {
 
     fn tmux(&self, args: &[&str]) -> Output {
         Command::new("tmux")
-            .arg("-L")
+            .arg("-S")
             .arg(&self.socket)
             .args(args)
             .stdin(Stdio::null())
