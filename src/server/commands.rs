@@ -463,7 +463,7 @@ impl Server {
             self.write(Write::KnownAddresses { user: user.clone(), known: account.known.clone() });
         }
         self.live.entry(user.clone()).or_default().push(token);
-        self.sessions.insert(token, s);
+        self.sessions.insert(token, Box::new(s));
         self.stats.sessions_opened += 1;
         self.write(Write::OpenSession { token, user: user.clone() });
         self.hold(Held::Activate(token));

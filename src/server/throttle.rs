@@ -136,8 +136,10 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
         entry.1 = stamp;
         let result = entry.0.charge(now, burst, refill, cost);
         self.order.push_back((key.clone(), stamp));
-        if self.order.len() > 2 * self.max.max(self.map.len()) + 16 {
-            // Repeated use of the same keys left stale entries behind: keep the live ones.
+        if self.order.len() > 2 * self.map.len() + 16 {
+            // Repeated use of the same keys, or buckets given back full, left stale entries
+            // behind: keep the live ones. At least `map.len() + 16` pushes come between two
+            // compactions, so each push pays O(1) for them.
             let map = &self.map;
             self.order.retain(|(k, s)| map.get(k).is_some_and(|(_, live)| live == s));
         }
@@ -149,6 +151,11 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
         let burst = self.burst;
         if let Some((b, _)) = self.map.get_mut(key) {
             b.give_back(burst);
+            if b.tokens >= f64::from(burst) {
+                // Full again: it says nothing a missing bucket would not, so a successful login
+                // leaves no state behind. Its entry in `order` is stale from now on.
+                self.map.remove(key);
+            }
         }
     }
 
@@ -257,14 +264,46 @@ mod tests {
         // Key 0 is used up (an address guessing passwords).
         let _ = t.take(t0, &0);
         let _ = t.take(t0, &0);
-        // Many others come and go: each attempt succeeds and gives its token back (idle again).
+        // Many others come and go: each attempt succeeds and gives its token back.
         let now = t0 + Duration::from_secs(1);
         for k in 1..1000u32 {
             let _ = t.take(now, &k);
             t.give_back(&k);
         }
-        assert_eq!(t.len(), 4);
+        assert_eq!(t.len(), 1, "buckets given back full are dropped");
         assert!(t.blocked(now, &0).is_some(), "the busy bucket survived the churn");
+        // Three others fail once (their buckets stay); by the time they have refilled (idle),
+        // key 0 has not, and newcomers replace the idle ones.
+        for k in 1..4u32 {
+            let _ = t.take(now, &k);
+        }
+        assert_eq!(t.len(), 4);
+        let later = now + Duration::from_secs(100);
+        for k in 1000..1003u32 {
+            let _ = t.take(later, &k);
+        }
+        assert_eq!(t.len(), 4);
+        assert!(t.map.contains_key(&0), "the busy bucket survived the idle ones");
+    }
+
+    /// An attempt that succeeded gives its token back; a bucket full again is dropped, so
+    /// successful logins leave no state behind, however many accounts and addresses log in.
+    #[test]
+    fn a_bucket_given_back_full_is_dropped() {
+        let t0 = Instant::now();
+        let mut t: Throttle<u32> = Throttle::new(3, Duration::from_secs(10), 1000);
+        for k in 0..10_000u32 {
+            t.take(t0, &k).unwrap();
+            t.give_back(&k);
+        }
+        assert_eq!(t.len(), 0);
+        assert!(t.order.len() <= 16, "stale entries are compacted: {}", t.order.len());
+        // A bucket that is not full again stays.
+        t.take(t0, &7).unwrap();
+        t.take(t0, &7).unwrap();
+        t.give_back(&7);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.map[&7].0.tokens, 2.0);
     }
 
     #[test]
