@@ -13,7 +13,8 @@
 
 use crate::proto::EncodedMessage;
 use crate::store::AccountRecord;
-use std::collections::{HashMap, VecDeque};
+use lru::LruCache;
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 /// What an entry is about.
@@ -27,12 +28,19 @@ pub(crate) enum Key {
     Inbox(u64),
 }
 
+/// The kinds of [`Key`], in the order of [`Key::index`].
+const KINDS: [&str; 3] = ["account", "followers", "inbox"];
+
 impl Key {
     pub fn kind(&self) -> &'static str {
+        KINDS[self.index()]
+    }
+
+    fn index(&self) -> usize {
         match self {
-            Key::Account(_) => "account",
-            Key::Followers(_) => "followers",
-            Key::Inbox(_) => "inbox",
+            Key::Account(_) => 0,
+            Key::Followers(_) => 1,
+            Key::Inbox(_) => 2,
         }
     }
 }
@@ -52,7 +60,7 @@ pub(crate) enum Value {
     Inbox(InboxHead),
 }
 
-/// Bytes an entry costs beyond its contents (map slot, order record, allocation headers).
+/// Bytes an entry costs beyond its contents (map slot, list links, allocation headers).
 const ENTRY_OVERHEAD: usize = 96;
 
 impl Value {
@@ -84,26 +92,22 @@ pub struct CacheStats {
     pub entries: usize,
 }
 
+/// The entries in least-recently-used order (the `lru` crate: a hash map threaded on a
+/// doubly linked list, so a lookup is one hash and no allocation), under a byte budget.
 pub(crate) struct Cache {
     budget: usize,
     used: usize,
-    map: HashMap<Key, (Value, usize, u64)>,
-    /// Keys by last use, oldest first; a record whose stamp is not the entry's is stale.
-    order: VecDeque<(Key, u64)>,
-    stamp: u64,
-    pub stats: CacheStats,
+    /// Each value with its size as counted in `used`.
+    lru: LruCache<Key, (Value, usize)>,
+    /// Hits and misses by [`Key::index`] (counted at every lookup, so not in maps).
+    hits: [u64; 3],
+    misses: [u64; 3],
+    evictions: u64,
 }
 
 impl Cache {
     pub fn new(budget: usize) -> Cache {
-        Cache {
-            budget,
-            used: 0,
-            map: HashMap::new(),
-            order: VecDeque::new(),
-            stamp: 0,
-            stats: CacheStats::default(),
-        }
+        Cache { budget, used: 0, lru: LruCache::unbounded(), hits: [0; 3], misses: [0; 3], evictions: 0 }
     }
 
     pub fn set_budget(&mut self, budget: usize) {
@@ -113,24 +117,21 @@ impl Cache {
 
     /// The entry for `key`, counted as a hit or a miss, and made the most recently used.
     pub fn get(&mut self, key: &Key) -> Option<&mut Value> {
-        let kind = key.kind();
-        if !self.map.contains_key(key) {
-            *self.stats.misses.entry(kind).or_insert(0) += 1;
-            return None;
+        match self.lru.get_mut(key) {
+            Some((value, _)) => {
+                self.hits[key.index()] += 1;
+                Some(value)
+            }
+            None => {
+                self.misses[key.index()] += 1;
+                None
+            }
         }
-        *self.stats.hits.entry(kind).or_insert(0) += 1;
-        self.stamp += 1;
-        let stamp = self.stamp;
-        self.order.push_back((key.clone(), stamp));
-        self.compact();
-        let entry = self.map.get_mut(key).expect("checked");
-        entry.2 = stamp;
-        Some(&mut entry.0)
     }
 
     /// The entry for `key` without counting or reordering (for write-through).
     pub fn peek_mut(&mut self, key: &Key) -> Option<&mut Value> {
-        self.map.get_mut(key).map(|e| &mut e.0)
+        self.lru.peek_mut(key).map(|(value, _)| value)
     }
 
     /// Stores `value` under `key`, evicting the least recently used entries beyond the budget.
@@ -140,20 +141,16 @@ impl Cache {
             self.remove(&key);
             return;
         }
-        self.stamp += 1;
-        let stamp = self.stamp;
-        if let Some((_, old, _)) = self.map.insert(key.clone(), (value, size, stamp)) {
+        if let Some((_, old)) = self.lru.put(key, (value, size)) {
             self.used -= old;
         }
         self.used += size;
-        self.order.push_back((key, stamp));
         self.shrink();
-        self.compact();
     }
 
     /// Re-measures an entry changed in place (write-through).
     pub fn resize(&mut self, key: &Key) {
-        if let Some((value, size, _)) = self.map.get_mut(key) {
+        if let Some((value, size)) = self.lru.peek_mut(key) {
             let new = value.size(key);
             self.used = self.used - *size + new;
             *size = new;
@@ -162,7 +159,7 @@ impl Cache {
     }
 
     pub fn remove(&mut self, key: &Key) {
-        if let Some((_, size, _)) = self.map.remove(key) {
+        if let Some((_, size)) = self.lru.pop(key) {
             self.used -= size;
         }
     }
@@ -170,37 +167,97 @@ impl Cache {
     /// Drops every entry of a kind (e.g. all follower lists, when an account that may be in any
     /// of them is deleted).
     pub fn remove_kind(&mut self, kind: &'static str) {
-        let gone: Vec<Key> = self.map.keys().filter(|k| k.kind() == kind).cloned().collect();
+        let gone: Vec<Key> =
+            self.lru.iter().filter(|(k, _)| k.kind() == kind).map(|(k, _)| k.clone()).collect();
         for k in gone {
             self.remove(&k);
         }
     }
 
     pub fn clear(&mut self) {
-        self.map.clear();
-        self.order.clear();
+        self.lru.clear();
         self.used = 0;
     }
 
     fn shrink(&mut self) {
         while self.used > self.budget {
-            let Some((key, stamp)) = self.order.pop_front() else { break };
-            if self.map.get(&key).is_some_and(|e| e.2 == stamp) {
-                self.remove(&key);
-                self.stats.evictions += 1;
-            }
-        }
-    }
-
-    /// Drops stale order records once they outnumber the entries.
-    fn compact(&mut self) {
-        if self.order.len() > 2 * self.map.len() + 64 {
-            let map = &self.map;
-            self.order.retain(|(k, s)| map.get(k).is_some_and(|e| e.2 == *s));
+            let Some((_, (_, size))) = self.lru.pop_lru() else { break };
+            self.used -= size;
+            self.evictions += 1;
         }
     }
 
     pub fn snapshot_stats(&self) -> CacheStats {
-        CacheStats { bytes: self.used, entries: self.map.len(), ..self.stats.clone() }
+        let by_kind = |counts: &[u64; 3]| {
+            KINDS.iter().zip(counts).filter(|(_, n)| **n > 0).map(|(k, n)| (*k, *n)).collect()
+        };
+        CacheStats {
+            hits: by_kind(&self.hits),
+            misses: by_kind(&self.misses),
+            evictions: self.evictions,
+            bytes: self.used,
+            entries: self.lru.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(name: &str) -> (Key, Value) {
+        let record = AccountRecord {
+            id: 1,
+            user: name.into(),
+            password_hash: "h".repeat(90),
+            last_delivered: 0,
+            known: Vec::new(),
+        };
+        (Key::Account(name.into()), Value::Account(Some(Arc::new(record))))
+    }
+
+    #[test]
+    fn least_recently_used_goes_first_within_the_budget() {
+        let one = account("a").1.size(&account("a").0);
+        let mut c = Cache::new(3 * one);
+        for n in ["a", "b", "c"] {
+            let (k, v) = account(n);
+            c.put(k, v);
+        }
+        assert!(c.get(&Key::Account("a".into())).is_some(), "a is used again");
+        let (k, v) = account("d");
+        c.put(k, v);
+        assert!(c.peek_mut(&Key::Account("b".into())).is_none(), "b was the least recently used");
+        for n in ["a", "c", "d"] {
+            assert!(c.peek_mut(&Key::Account(n.into())).is_some(), "{n}");
+        }
+        let s = c.snapshot_stats();
+        assert_eq!((s.entries, s.bytes, s.evictions), (3, 3 * one, 1));
+        assert_eq!(s.hits.get("account"), Some(&1));
+        assert!(c.get(&Key::Inbox(9)).is_none());
+        assert_eq!(c.snapshot_stats().misses.get("inbox"), Some(&1));
+    }
+
+    #[test]
+    fn a_zero_budget_caches_nothing_and_kinds_go_together() {
+        let mut c = Cache::new(0);
+        let (k, v) = account("a");
+        c.put(k.clone(), v);
+        assert!(c.get(&k).is_none());
+        let mut c = Cache::new(1 << 20);
+        for n in ["a", "b"] {
+            let (k, v) = account(n);
+            c.put(k, v);
+        }
+        c.put(Key::Followers("a".into()), Value::Followers(Arc::new(vec![("b".into(), 2)])));
+        c.remove_kind("account");
+        let s = c.snapshot_stats();
+        assert_eq!(s.entries, 1);
+        assert_eq!(
+            s.bytes,
+            Value::Followers(Arc::new(vec![("b".into(), 2)])).size(&Key::Followers("a".into()))
+        );
+        c.clear();
+        assert_eq!(c.snapshot_stats().bytes, 0);
     }
 }

@@ -160,8 +160,8 @@ impl Server {
             }
             RequestBody::Subscribe { user: target } => self.subscribe(&user, user_id, target),
             RequestBody::Unsubscribe { user: target } => self.unsubscribe(&user, user_id, target),
-            RequestBody::Post { text } => self.post(now, &user, None, text),
-            RequestBody::Send { to, text } => self.post(now, &user, Some(to), text),
+            RequestBody::Post { text } => self.post(now, &user, user_id, None, text),
+            RequestBody::Send { to, text } => self.post(now, &user, user_id, Some(to), text),
             RequestBody::Retrieve { count, before } => self.retrieve(user_id, *count, *before),
             RequestBody::ListUsers { pattern, after } => self.list_users(pattern, after.as_deref()),
             RequestBody::Ping => answer(Ok(Response::SessionPong { epoch: self.epoch })),
@@ -542,7 +542,7 @@ impl Server {
     /// goes through and makes the next one wait), and a direct message to someone who does not
     /// follow the author takes one from the recipient's allowance of such messages, so nobody
     /// can fill a stranger's inbox.
-    fn post(&mut self, now: Instant, user: &str, to: Option<&String>, text: &str) -> Step {
+    fn post(&mut self, now: Instant, user: &str, user_id: u64, to: Option<&String>, text: &str) -> Step {
         if text.is_empty() {
             return Step::Answer(Err(ErrorCode::EmptyText));
         }
@@ -575,18 +575,17 @@ impl Server {
             },
         };
         if stranger {
-            let r = &recipients[0].0;
-            if let Some(wait) = self.stranger_dms.blocked(now, r) {
+            if let Some(wait) = self.stranger_dms.blocked(now, &recipients[0].1) {
                 self.stats.deliveries_throttled += 1;
                 return Step::Answer(Err(rate_limited(wait)));
             }
         }
-        if let Err(wait) = self.deliveries.charge(now, &user.to_string(), recipients.len().max(1) as f64) {
+        if let Err(wait) = self.deliveries.charge(now, &user_id, recipients.len().max(1) as f64) {
             self.stats.deliveries_throttled += 1;
             return Step::Answer(Err(rate_limited(wait)));
         }
         if stranger {
-            let _ = self.stranger_dms.take(now, &recipients[0].0);
+            let _ = self.stranger_dms.take(now, &recipients[0].1);
         }
         self.next_sweep.get_or_insert(now + super::SWEEP);
         let id = self.next_message_id;

@@ -233,10 +233,10 @@ pub struct Server {
     limits: LoginLimits,
     register_by_addr: Throttle<Prefix>,
     /// Deliveries each author may still cause (config `deliveries_per_user_per_sec`).
-    deliveries: Throttle<String>,
+    deliveries: Throttle<u64>,
     /// Direct messages each user still accepts from users they do not follow (config
     /// `dms_from_strangers_*`).
-    stranger_dms: Throttle<String>,
+    stranger_dms: Throttle<u64>,
     cookies: cookie::Cookies,
     /// Wall-clock anchor: `now` at `wall_ms` milliseconds since the Unix epoch.
     wall: (Instant, u64),
@@ -1336,8 +1336,9 @@ fn show_addr(a: Option<SocketAddr>) -> String {
 }
 
 /// The per-user throttles of posting: deliveries per author, and direct messages a user accepts
-/// from users they do not follow.
-fn user_throttles(cfg: &ServerConfig) -> (Throttle<String>, Throttle<String>) {
+/// from users they do not follow; both keyed by account id (never reused, and cheap to hash on
+/// every post).
+fn user_throttles(cfg: &ServerConfig) -> (Throttle<u64>, Throttle<u64>) {
     let per_sec = cfg.deliveries_per_user_per_sec.max(1);
     (
         Throttle::new(per_sec.saturating_mul(10), Duration::from_secs(1) / per_sec, THROTTLE_KEYS),

@@ -126,15 +126,21 @@ impl<K: Hash + Eq + Clone> Throttle<K> {
 
     /// Takes `cost` tokens for `key` (see [`Bucket::charge`]).
     pub fn charge(&mut self, now: Instant, key: &K, cost: f64) -> Result<(), Duration> {
-        if !self.map.contains_key(key) {
-            while self.map.len() >= self.max && self.evict_one(now) {}
-            self.map.insert(key.clone(), (Bucket::full(self.burst, now), 0));
-        }
         self.stamp += 1;
         let (burst, refill, stamp) = (self.burst, self.refill, self.stamp);
-        let entry = self.map.get_mut(key).expect("inserted");
-        entry.1 = stamp;
-        let result = entry.0.charge(now, burst, refill, cost);
+        let result = match self.map.get_mut(key) {
+            Some(entry) => {
+                entry.1 = stamp;
+                entry.0.charge(now, burst, refill, cost)
+            }
+            None => {
+                while self.map.len() >= self.max && self.evict_one(now) {}
+                let mut bucket = Bucket::full(burst, now);
+                let result = bucket.charge(now, burst, refill, cost);
+                self.map.insert(key.clone(), (bucket, stamp));
+                result
+            }
+        };
         self.order.push_back((key.clone(), stamp));
         if self.order.len() > 2 * self.map.len() + 16 {
             // Repeated use of the same keys, or buckets given back full, left stale entries
