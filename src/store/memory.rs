@@ -185,6 +185,7 @@ impl Store for MemoryStore {
             next_message_id: self.next_message_id,
             accounts: self.accounts.len() as u64,
             epoch: self.epoch,
+            node: None,
         })
     }
 
@@ -239,6 +240,8 @@ impl Store for MemoryStore {
                     .map(|(n, _)| n.clone())
                     .collect(),
             ),
+            // Every session is the core's: none to take over.
+            Read::Claim { .. } => ReadResult::Claimed(None),
             Read::Relations { name, after, limit } => {
                 let mut following = range_after(&self.subscriptions, name, after).peekable();
                 let mut followers = range_after(&self.followers, name, after).peekable();

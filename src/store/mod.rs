@@ -11,11 +11,19 @@
 //! At startup [`Store::load`] returns only what the core needs to begin ([`Startup`]): the
 //! sessions and a few counters, nothing that grows with accounts or messages.
 //!
-//! Implementations: [`sqlite::SqliteStore`] (durable, the default) and [`memory::MemoryStore`]
-//! (tests, experiments). Nothing here assumes SQLite: another database implements the same
-//! reads and batched writes.
+//! Implementations: [`sqlite::SqliteStore`] (durable, the default), [`postgres::PgStore`] (several
+//! daemons on one database) and [`memory::MemoryStore`] (tests, experiments).
+//!
+//! # Shared stores
+//!
+//! A store that several daemons (nodes) share says so in [`Startup::node`]. Then the core's
+//! sessions are only those this node holds, and what other nodes commit reaches it as
+//! [`Remote`] inputs: messages for its sessions, sessions that ended or moved elsewhere, and
+//! changes that make what it cached stale. A request whose token this node does not hold asks
+//! the store to take the session over ([`Read::Claim`]).
 
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 use crate::proto::{Message, Relation, Token};
@@ -99,6 +107,10 @@ pub enum Read {
     /// Up to `limit` relations of `name` after the name `after`, in name order: whom it follows
     /// and who follows it, merged.
     Relations { name: String, after: String, limit: u32 },
+    /// Shared stores only: take over the session `token`, wherever it is held, and read the
+    /// newest `catch_up` messages of its inbox once every commit that could have missed the
+    /// move has ended. Other stores hold no session the core does not, and answer `None`.
+    Claim { token: Token, catch_up: u32 },
 }
 
 impl Read {
@@ -111,6 +123,7 @@ impl Read {
             Read::Inbox { .. } => "inbox",
             Read::Names { .. } => "names",
             Read::Relations { .. } => "relations",
+            Read::Claim { .. } => "claim",
         }
     }
 }
@@ -124,6 +137,51 @@ pub enum ReadResult {
     Inbox { messages: Vec<Message>, above: u32 },
     Names(Vec<String>),
     Relations(Vec<Relation>),
+    Claimed(Option<Claimed>),
+}
+
+/// A session taken over from another node (or from a node that stopped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub session: StoredSession,
+    /// The epoch its pushes are numbered in from now on: larger than any its client has seen.
+    pub epoch: u32,
+    /// The newest messages of its inbox, oldest first (the client drops those it has shown).
+    pub catch_up: Vec<Message>,
+}
+
+/// Messages, each with the recipients (name, account id) a node holds sessions of.
+pub type Deliveries = Vec<(Message, Vec<(String, u64)>)>;
+
+/// What other nodes of a shared store committed that this node must act on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Remote {
+    /// Messages committed elsewhere, each with the recipients (name, account id) that have
+    /// sessions on this node.
+    Messages(Deliveries),
+    /// Sessions of this node that another node took over: forget them, silently.
+    Moved(Vec<Token>),
+    /// Sessions of this node that ended elsewhere (account deleted, password changed): their
+    /// holders are told their session expired.
+    Ended(Vec<Token>),
+    /// Accounts created, deleted or changed, and users whose followers changed: what is cached
+    /// of them is stale. `all_followers`: every cached follower list is.
+    Changed {
+        created: Vec<String>,
+        deleted: Vec<String>,
+        changed: Vec<String>,
+        followers_of: Vec<String>,
+        all_followers: bool,
+    },
+}
+
+/// What a commit learned beyond success, for the core (shared stores only).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommitOutcome {
+    /// Registrations another node won the race for: the name is taken, the account not created.
+    pub names_taken: Vec<String>,
+    /// To hand the core after the commit is reported (see [`Remote`]).
+    pub remote: Vec<Remote>,
 }
 
 /// An account as stored.
@@ -163,6 +221,9 @@ pub struct Startup {
     pub accounts: u64,
     /// This run's number (see [`Store::begin_epoch`] and [`crate::proto::ServerMsg::Push`]).
     pub epoch: u32,
+    /// Set by a store that several daemons share: this daemon's node number (1-1023), which
+    /// also makes its message ids unique (see [`crate::server`]'s id clock).
+    pub node: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,5 +259,14 @@ pub trait Store {
     /// Writes what the store keeps in memory only for speed (at a clean stop).
     fn flush(&mut self) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// What the last successful [`Store::commit`] learned for the core (shared stores).
+    fn commit_outcome(&mut self) -> CommitOutcome {
+        CommitOutcome::default()
+    }
+    /// Whether a failed commit or load may be survived on the core's own idea of the state (the
+    /// store is unreachable for now and reconnects by itself), rather than by stopping.
+    fn survives_outages(&self) -> bool {
+        false
     }
 }

@@ -697,6 +697,8 @@ impl SqliteStore {
                 let rows = q.query_map(params![after, *limit as i64], |r| r.get::<_, String>(0))?;
                 ReadResult::Names(rows.collect::<rusqlite::Result<_>>()?)
             }
+            // The daemon holds every session of its directory: none to take over.
+            Read::Claim { .. } => ReadResult::Claimed(None),
             Read::Relations { name, after, limit } => {
                 let column = |sql: &str| -> rusqlite::Result<Vec<String>> {
                     let mut q = self.conn.prepare_cached(sql)?;
@@ -1149,6 +1151,7 @@ impl Store for SqliteStore {
             next_message_id,
             accounts: self.meta("accounts")? as u64,
             epoch: self.meta("epoch")? as u32,
+            node: None,
         })
     }
 
