@@ -72,6 +72,10 @@ impl Server {
                         let job = Job::Request { from, len, reply, session, token, body };
                         self.wait(now, job, needs);
                     }
+                    Step::Rerun => {
+                        self.forget(reply);
+                        self.dispatch(now, from, len, Request { id: reply.id, token, body });
+                    }
                 }
             }
             Job::Login { reply, account, remember } => {
@@ -82,17 +86,21 @@ impl Server {
                         let wrote = self.writes.len() > before;
                         self.reply_and_persist(now, reply, result, wrote, None);
                     }
-                    Step::Later => {}
+                    Step::Later | Step::Rerun => {}
                     Step::Need(needs) => self.wait(now, Job::Login { reply, account, remember }, needs),
                 }
             }
             Job::Restore { token, user_id, last_delivered } => {
                 let mut needs = Vec::new();
                 let max = self.cfg.catch_up_max;
+                // One node of several: ids are not in commit order across nodes, so a message
+                // below the delivered mark may not have been pushed; the newest are queued and
+                // the client drops what it has shown.
+                let floor = if self.nodes.is_some() { 0 } else { last_delivered };
                 match self.inbox(user_id, max, None, Some(last_delivered), &mut needs) {
                     Some((messages, _)) => {
                         if let Some(s) = self.sessions.get_mut(&token) {
-                            s.queue.extend(messages.into_iter().filter(|m| m.message.id > last_delivered));
+                            s.queue.extend(messages.into_iter().filter(|m| m.message.id > floor));
                             self.pump(now, token);
                             self.schedule(token, now);
                         }
@@ -138,7 +146,7 @@ impl Server {
             }
             // Health checks: a ping without a token is answered (with as many bytes as it had).
             (RequestBody::Ping, None) if token.is_none() => Step::Answer(Ok(Response::Pong)),
-            (_, None) => Step::Answer(Err(self.no_session_error(token))),
+            (_, None) => self.unknown_session(now, reply, token),
             (body, Some(token)) => self.execute_in_session(now, reply, token, body),
         }
     }
@@ -164,7 +172,10 @@ impl Server {
             RequestBody::Send { to, text } => self.post(now, &user, user_id, Some(to), text),
             RequestBody::Retrieve { count, before } => self.retrieve(user_id, *count, *before),
             RequestBody::ListUsers { pattern, after } => self.list_users(pattern, after.as_deref()),
-            RequestBody::Ping => answer(Ok(Response::SessionPong { epoch: self.epoch })),
+            RequestBody::Ping => {
+                let epoch = self.sessions.get(&token).map_or(self.epoch, |s| s.epoch);
+                answer(Ok(Response::SessionPong { epoch }))
+            }
             RequestBody::WhoAmI => {
                 let sessions = self.live.get(&user).map_or(0, |t| t.len() as u32);
                 answer(Ok(Response::Me { user, sessions }))
@@ -278,6 +289,10 @@ impl Server {
             }
         }
         let mut needs = Vec::new();
+        if self.nodes.is_some() && self.reads.got(&Read::Account { name: user.to_string() }).is_none() {
+            // Other nodes change accounts too (passwords, delivered marks): a login reads it.
+            self.account_changed(user);
+        }
         let Some(account) = self.account(user, &mut needs) else { return Step::Need(needs) };
         let known = account.as_ref().is_some_and(|a| login_limits::known(&a.known, prefix));
         let charged = match self.limits.admit(now, user, reply.to.ip(), proven, known, self.under_load()) {
@@ -370,6 +385,7 @@ impl Server {
                         }
                         self.account_changed(&user);
                         self.accounts += 1;
+                        self.registering(&user, &reply);
                         self.write(Write::CreateAccount { user, password_hash });
                         Ok(Response::Registered)
                     }
@@ -452,6 +468,7 @@ impl Server {
             user.clone(),
             account.id,
             token.session_id(),
+            self.epoch,
             Some(reply.to),
             now,
             self.cfg.push_rto(),
@@ -588,8 +605,7 @@ impl Server {
             let _ = self.stranger_dms.take(now, &recipients[0].1);
         }
         self.next_sweep.get_or_insert(now + super::SWEEP);
-        let id = self.next_message_id;
-        self.next_message_id += 1;
+        let id = self.new_message_id(now);
         let message = Message {
             id,
             time: self.unix_ms(now),

@@ -35,6 +35,7 @@ mod cache;
 mod commands;
 mod cookie;
 mod login_limits;
+mod nodes;
 mod path;
 mod reads;
 mod reply_cache;
@@ -42,6 +43,7 @@ mod session;
 mod throttle;
 
 pub use cache::CacheStats;
+pub use nodes::NODE_BITS;
 pub use reads::ReadJob;
 
 use crate::config::ServerConfig;
@@ -108,6 +110,15 @@ pub struct Stats {
     /// that failed.
     pub reads_by_kind: BTreeMap<&'static str, u64>,
     pub read_failures: u64,
+    /// One node of several ([`nodes`]): messages committed by other nodes and pushed here,
+    /// sessions taken over from other nodes, sessions other nodes took (or ended), claims
+    /// refused by their throttle, registrations another node won.
+    pub remote_messages: u64,
+    pub sessions_claimed: u64,
+    pub sessions_moved_away: u64,
+    pub sessions_ended_elsewhere: u64,
+    pub claims_throttled: u64,
+    pub names_taken_elsewhere: u64,
     /// Requests by kind (`post`, `login`, ...).
     pub requests_by_kind: BTreeMap<&'static str, u64>,
     /// Error answers by code (`NoSuchUser`, ...).
@@ -247,6 +258,8 @@ pub struct Server {
     /// Info lines about accounts and sessions (logins, logouts, registrations, expiries): an
     /// account holder can cause them at the password workers' pace, so they are bounded too.
     event_log: LogBudget,
+    /// Set when this daemon is one node of several on a shared store ([`nodes`]).
+    nodes: Option<nodes::Nodes>,
 }
 
 /// A token bucket for log lines, which says how many it held back.
@@ -355,6 +368,7 @@ impl Server {
             next_sweep: None,
             stranger_log: LogBudget::new(LOG_PER_SEC, now),
             event_log: LogBudget::new(EVENT_LOG_PER_SEC, now),
+            nodes: nodes::Nodes::new(&start),
         };
         for s in start.sessions {
             server.restore_session(now, s);
@@ -367,24 +381,12 @@ impl Server {
     /// login.
     fn restore_session(&mut self, now: Instant, stored: StoredSession) {
         let token = stored.token;
-        let mut s = Session::new(
-            stored.user.clone(),
-            stored.user_id,
-            token.session_id(),
-            None,
-            now,
-            self.cfg.push_rto(),
-        );
-        s.live = true;
-        s.age_at_start = Duration::from_secs(stored.age_secs);
-        if let Some((id, reply)) = stored.last_reply {
-            s.dedup.restore(id, reply);
-        }
-        self.live.entry(stored.user).or_default().push(token);
+        let (user, user_id, last_delivered) = (stored.user.clone(), stored.user_id, stored.last_delivered);
+        let s = self.session_from_store(now, stored, self.epoch);
+        self.live.entry(user).or_default().push(token);
         self.sessions.insert(token, Box::new(s));
         self.schedule(token, now);
-        let job =
-            reads::Job::Restore { token, user_id: stored.user_id, last_delivered: stored.last_delivered };
+        let job = reads::Job::Restore { token, user_id, last_delivered };
         self.run(now, job);
     }
 
@@ -416,6 +418,16 @@ impl Server {
     /// stamped with the time since the core started.
     pub fn set_wall_clock(&mut self, now: Instant, unix_ms: u64) {
         self.wall = (now, unix_ms);
+    }
+
+    /// Microseconds since the Unix epoch at `now` (to the anchor's millisecond).
+    fn unix_us(&self, now: Instant) -> u64 {
+        let (at, ms) = self.wall;
+        let base = ms.saturating_mul(1000);
+        match now.checked_duration_since(at) {
+            Some(d) => base.saturating_add(d.as_micros() as u64),
+            None => base.saturating_sub(at.duration_since(now).as_micros() as u64),
+        }
     }
 
     /// Milliseconds since the Unix epoch at `now`.
@@ -508,9 +520,10 @@ impl Server {
             trace!("ack for unknown session");
             return;
         };
-        if epoch != self.epoch {
-            // Late, from before a restart: its sequence numbers name other pushes now.
-            trace!("ack for epoch {epoch} in epoch {}", self.epoch);
+        if epoch != s.epoch {
+            // Late, from before a restart (or from another node): its sequence numbers name
+            // other pushes now.
+            trace!("ack for epoch {epoch} in epoch {}", s.epoch);
             return;
         }
         s.last_seen = now;
@@ -738,6 +751,11 @@ impl Server {
     fn on_request(&mut self, now: Instant, from: SocketAddr, len: usize, req: proto::Request) {
         self.stats.requests += 1;
         *self.stats.requests_by_kind.entry(req.body.kind()).or_insert(0) += 1;
+        self.dispatch(now, from, len, req);
+    }
+
+    /// Admits a request and runs it (again, once its session was taken over from another node).
+    fn dispatch(&mut self, now: Instant, from: SocketAddr, len: usize, req: proto::Request) {
         let kind = req.body.kind();
         // A valid token makes this an authenticated request; anything else is treated as coming
         // from an unverified (possibly spoofed) address.
@@ -906,6 +924,7 @@ impl Server {
         debug_assert_eq!(self.in_flight_batch, Some(n));
         self.in_flight_batch = None;
         self.committed_batch = n;
+        self.settled(n);
         self.stats.commits += 1;
         self.stats.committed_writes += writes as u64;
         self.stats.largest_batch = self.stats.largest_batch.max(writes as u64);
@@ -951,6 +970,7 @@ impl Server {
     pub fn on_commit_failed(&mut self, now: Instant, n: u64, durable: Startup) {
         debug_assert_eq!(self.in_flight_batch, Some(n));
         self.in_flight_batch = None;
+        self.settled(u64::MAX);
         self.stats.commit_failures += 1;
         self.writes.clear();
         self.delivered.clear();
@@ -1215,9 +1235,8 @@ impl Server {
     fn pump(&mut self, now: Instant, token: Token) {
         let Some(s) = self.sessions.get_mut(&token) else { return };
         let out = &mut self.out;
-        let sent = s.pump(now, self.epoch, self.cfg.push_window as usize, &mut |to, bytes| {
-            out.push_back(Transmit { to, bytes })
-        });
+        let sent = s
+            .pump(now, self.cfg.push_window as usize, &mut |to, bytes| out.push_back(Transmit { to, bytes }));
         self.stats.pushes_sent += sent;
         if sent > 0 {
             self.schedule(token, now);
@@ -1252,7 +1271,7 @@ impl Server {
             p.retransmitted = true;
             p.deadline = now + s.rtt.backoff(p.tries);
             let mut bytes = Vec::new();
-            proto::encode_push(s.id, self.epoch, p.seq, &p.msg, &mut bytes);
+            proto::encode_push(s.id, s.epoch, p.seq, &p.msg, &mut bytes);
             self.out.push_back(Transmit { to: addr, bytes });
             self.stats.pushes_retransmitted += 1;
         }
@@ -1278,12 +1297,7 @@ impl Server {
     /// Ends a session. `expired` says whether its holder should hear "session expired".
     fn close_session(&mut self, token: Token, expired: bool) {
         let Some(s) = self.sessions.remove(&token) else { return };
-        if let Some(tokens) = self.live.get_mut(&s.user) {
-            tokens.retain(|t| *t != token);
-            if tokens.is_empty() {
-                self.live.remove(&s.user);
-            }
-        }
+        self.unlink(&s.user, s.user_id, token);
         self.write(Write::CloseSession { token });
         // Kept until the close is durable: a failed commit puts it back as it was.
         let batch = self.gate().unwrap_or(self.open_batch);

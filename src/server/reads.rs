@@ -31,6 +31,9 @@ pub(crate) enum Step {
     Later,
     /// Park until these are read.
     Need(Vec<Read>),
+    /// The request's session was taken over from another node meanwhile: run it again from
+    /// the top, as a request of that session.
+    Rerun,
 }
 
 /// Work waiting for reads.
@@ -134,7 +137,7 @@ impl Reads {
     }
 
     /// The result of a read the running job already got.
-    fn got(&self, read: &Read) -> Option<Arc<ReadResult>> {
+    pub(super) fn got(&self, read: &Read) -> Option<Arc<ReadResult>> {
         self.scratch.iter().find(|(r, _)| r == read).map(|(_, v)| v.clone())
     }
 }
@@ -385,6 +388,20 @@ impl Server {
         }
     }
 
+    /// What is cached of inbox `id` is stale (it received something this core did not see).
+    pub(super) fn inbox_changed(&mut self, id: u64) {
+        let key = Key::Inbox(id);
+        self.reads.changed(&key);
+        self.cache.remove(&key);
+    }
+
+    /// Who follows `name` changed elsewhere.
+    pub(super) fn followers_changed(&mut self, name: &str) {
+        let key = Key::Followers(name.to_string());
+        self.reads.changed(&key);
+        self.cache.remove(&key);
+    }
+
     /// `msg` was delivered to the inboxes of these account ids.
     pub(super) fn delivered_to(&mut self, msg: &Arc<EncodedMessage>, recipients: &[u64]) {
         let cap = self.head_len();
@@ -392,6 +409,11 @@ impl Server {
             let key = Key::Inbox(*id);
             self.reads.changed(&key);
             if let Some(Value::Inbox(head)) = self.cache.peek_mut(&key) {
+                if head.messages.back().is_some_and(|m| m.message.id > msg.message.id) {
+                    // Ids made on several nodes: a head is kept in id order or not at all.
+                    self.cache.remove(&key);
+                    continue;
+                }
                 head.messages.push_back(msg.clone());
                 while head.messages.len() > cap {
                     head.messages.pop_front();

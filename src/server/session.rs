@@ -136,6 +136,10 @@ pub(crate) struct Session {
     pub delivered: u64,
     /// [`proto::Token::session_id`], carried by every push.
     pub id: u64,
+    /// The epoch its pushes are numbered in: the daemon's run for a session opened or brought
+    /// back here, a newer one for a session taken over from another node (see
+    /// [`crate::store::Claimed`]).
+    pub epoch: u32,
     /// Where pushes go; `None` after a restart until the client is heard from.
     pub addr: Option<SocketAddr>,
     pub created: Instant,
@@ -175,6 +179,7 @@ impl Session {
         user: String,
         user_id: u64,
         id: u64,
+        epoch: u32,
         addr: Option<SocketAddr>,
         now: Instant,
         rto: RtoConfig,
@@ -184,6 +189,7 @@ impl Session {
             user_id,
             delivered: 0,
             id,
+            epoch,
             verified: false,
             acked_early: BTreeMap::new(),
             addr,
@@ -227,18 +233,12 @@ impl Session {
     }
 
     /// Moves queued messages into the window and encodes them into `out` as (addr, datagram).
-    pub fn pump(
-        &mut self,
-        now: Instant,
-        epoch: u32,
-        window: usize,
-        out: &mut impl FnMut(SocketAddr, Vec<u8>),
-    ) -> u64 {
+    pub fn pump(&mut self, now: Instant, window: usize, out: &mut impl FnMut(SocketAddr, Vec<u8>)) -> u64 {
         let Some(addr) = self.addr else { return 0 };
         if !self.live || self.unresponsive || !self.verified {
             return 0;
         }
-        let mut sent = 0;
+        let (epoch, mut sent) = (self.epoch, 0);
         while self.inflight.len() < window && !self.queue.is_empty() {
             // As many queued messages as the window, the batch limit and one datagram allow.
             let room = (window - self.inflight.len()).min(proto::MAX_PUSH_BATCH);

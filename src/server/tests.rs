@@ -106,7 +106,14 @@ impl H {
                     self.server.on_commit_failed(self.now, n, durable);
                 } else {
                     self.store.commit(&writes).unwrap();
+                    // As the daemon's loop does: races lost first, then the commit, then what
+                    // the commit learned for later.
+                    let outcome = self.store.commit_outcome();
+                    self.server.on_names_taken(&outcome.names_taken);
                     self.server.on_committed(self.now, n, writes.len());
+                    for r in outcome.remote {
+                        self.server.on_remote(self.now, r);
+                    }
                     self.committed.extend(writes);
                 }
             }
@@ -1451,6 +1458,7 @@ fn sqlite_holds_exactly_what_the_inboxes_hold() {
 }
 
 mod attacks;
+mod nodes;
 
 /// What a session acknowledged is not caught up again at the next login, whether the delivered
 /// mark was still waiting to be written, written, or read back by a fresh core.

@@ -443,7 +443,7 @@ fn a_late_ack_from_before_a_restart_acks_nothing() {
 /// warning.
 #[test]
 fn a_session_logs_at_most_a_line_a_minute() {
-    let mut s = Session::new("x".into(), 1, 1, None, Instant::now(), test_config().push_rto());
+    let mut s = Session::new("x".into(), 1, 1, 1, None, Instant::now(), test_config().push_rto());
     let t0 = Instant::now();
     assert!(s.may_log(t0));
     assert!(!s.may_log(t0 + Duration::from_secs(59)));
