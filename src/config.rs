@@ -79,6 +79,8 @@ impl std::error::Error for ConfigError {}
 pub enum StorageKind {
     /// SQLite database `udpmsg.db` in `data_dir`: durable, the default.
     Sqlite,
+    /// A PostgreSQL database (`postgres_url`), which several daemons may share.
+    Postgres,
     /// Everything lives in the daemon's memory and is gone when it stops (tests, experiments).
     Memory,
 }
@@ -93,6 +95,14 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Storage backend.
     pub storage: StorageKind,
+    /// `storage = "postgres"`: the database (URL or key=value string; `PG*` variables fill in
+    /// what it leaves out). The password belongs in `postgres_password_file` or `PGPASSWORD`.
+    pub postgres_url: String,
+    /// A file whose first line is the PostgreSQL password.
+    pub postgres_password_file: String,
+    /// This daemon's name among the daemons sharing a PostgreSQL database; empty:
+    /// `HOSTNAME:PORT`.
+    pub node_name: String,
     /// Whether anyone may create an account with `register`.
     pub allow_registration: bool,
     /// Longest message text in bytes (at most the protocol's 1024).
@@ -184,6 +194,9 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:7070".parse().expect("valid literal"),
             data_dir: PathBuf::from("./data"),
             storage: StorageKind::Sqlite,
+            postgres_url: String::new(),
+            postgres_password_file: String::new(),
+            node_name: String::new(),
             allow_registration: true,
             max_text_bytes: 1000,
             max_name_len: 32,
@@ -317,6 +330,12 @@ impl ServerConfig {
                 self.metrics_listen
             )));
         }
+        if self.node_name.len() > 64 {
+            return Err(ConfigError(format!(
+                "invalid value \"{}\" for `node_name`: at most 64 characters",
+                self.node_name
+            )));
+        }
         if !["off", "error", "warn", "info", "debug", "trace"].contains(&self.log_level.as_str()) {
             return Err(ConfigError(format!(
                 "invalid value \"{}\" for `log_level`: allowed are off, error, warn, info, debug, trace",
@@ -324,6 +343,20 @@ impl ServerConfig {
             )));
         }
         Ok(())
+    }
+
+    /// The node name: `node_name`, or `HOSTNAME:PORT` with the port the daemon is bound to.
+    pub fn node_name(&self, port: u16) -> String {
+        if !self.node_name.is_empty() {
+            return self.node_name.clone();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "udpmsgd".into());
+        format!("{host}:{port}")
     }
 
     /// The metrics address, if metrics are on.
@@ -546,6 +579,39 @@ pub fn env_meant(var: &str) -> Option<String> {
         .map(|(_, k)| format!("{ENV_PREFIX}{}", k.to_ascii_uppercase()))
 }
 
+/// A connection string with any password in it replaced by `***` (URL `user:PASSWORD@` or
+/// `password=...`), for printing.
+pub fn redact_password(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme) = out.find("://") {
+        let rest = scheme + 3;
+        if let Some(at) = out[rest..].find('@').map(|i| rest + i) {
+            if let Some(colon) = out[rest..at].find(':').map(|i| rest + i) {
+                out.replace_range(colon + 1..at, "***");
+            }
+        }
+    }
+    let mut result = String::new();
+    let mut words = out.split(' ').peekable();
+    while let Some(w) = words.next() {
+        if let Some(eq) = w.find('=').filter(|_| w.to_ascii_lowercase().starts_with("password")) {
+            result.push_str(&w[..=eq]);
+            result.push_str("***");
+        } else {
+            result.push_str(w);
+        }
+        if words.peek().is_some() {
+            result.push(' ');
+        }
+    }
+    // `?password=...` in a URL's query.
+    if let Some(p) = result.find("password=").filter(|p| *p > 0 && matches!(&result[p - 1..*p], "?" | "&")) {
+        let end = result[p..].find('&').map_or(result.len(), |e| p + e);
+        result.replace_range(p + "password=".len()..end, "***");
+    }
+    result
+}
+
 /// Variables with the prefix that are not settings.
 const ENV_NOT_SETTINGS: &[&str] = &["UDPMSG_CONFIG"];
 
@@ -556,6 +622,10 @@ impl Layered {
         let mut out = String::new();
         for (key, value) in &table {
             let source = self.sources.get(key).cloned().unwrap_or(Source::Default);
+            let value = match (key.as_str(), value) {
+                ("postgres_url", toml::Value::String(url)) => toml::Value::String(redact_password(url)),
+                _ => value.clone(),
+            };
             out.push_str(&format!("{key} = {value}  # {source}\n"));
         }
         out
@@ -798,6 +868,24 @@ mod tests {
         assert!(
             e.contains("nowhere.invalid") && e.contains("UDPMSG_LISTEN") && e.contains("no such host"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn passwords_in_connection_strings_are_never_printed() {
+        assert_eq!(redact_password("postgres://u:s3cret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_password("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_password("host=h password=s3cret user=u"), "host=h password=*** user=u");
+        assert_eq!(
+            redact_password("postgres://h/db?user=u&password=s3cret&x=1"),
+            "postgres://h/db?user=u&password=***&x=1"
+        );
+        let env = vec![("UDPMSG_POSTGRES_URL".to_string(), "postgres://u:s3cret@h/db".to_string())];
+        let l = layered_server(Path::new("/nonexistent.toml"), false, env, toml::Table::new()).unwrap();
+        let printed = l.render();
+        assert!(
+            printed.contains("postgres_url = \"postgres://u:***@h/db\"") && !printed.contains("s3cret"),
+            "{printed}"
         );
     }
 

@@ -1661,19 +1661,6 @@ impl Listener {
         Ok(out)
     }
 
-    /// Records the address the node listens on (known once its socket is bound), for
-    /// `udpmsgd nodes`.
-    pub fn set_listen(&mut self, listen: &str) -> Result<(), StoreError> {
-        let node = self.node;
-        let mut fresh = false;
-        let c = self.conn.get(&mut fresh)?;
-        if let Err(e) = c.execute("UPDATE nodes SET listen = $2 WHERE id = $1", &[&node, &listen]) {
-            self.conn.check();
-            return Err(pg("record the address", e));
-        }
-        Ok(())
-    }
-
     /// Cuts the connection (tests: a notification lost on purpose).
     pub fn disconnect(&mut self) {
         self.conn.client = None;

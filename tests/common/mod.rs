@@ -9,6 +9,8 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "../../src/bin/common/pg_temp.rs"]
+pub mod pg_temp;
 pub mod raw;
 pub mod scenario;
 

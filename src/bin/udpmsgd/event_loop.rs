@@ -10,6 +10,7 @@
 #[path = "../common/udp.rs"]
 mod udp;
 
+use crate::listener::ListenerThread;
 use crate::metrics::{Metrics, ShellCounters};
 use crate::store_thread::{Done, Job, StoreThread};
 use crate::workers::PasswordPool;
@@ -26,6 +27,7 @@ use udp::{Inbox, Outbox};
 use udpmsg::config::{ServerConfig, StorageKind};
 use udpmsg::password::HashParams;
 use udpmsg::server::Server;
+use udpmsg::store::postgres::{self, Listener, PgStore};
 use udpmsg::store::{memory::MemoryStore, sqlite::SqliteStore, Store};
 
 const SOCKET: Token = Token(0);
@@ -82,13 +84,39 @@ pub fn run(
     let mut socket = bind(cfg.listen).map_err(|e| format!("cannot bind {}: {e}", cfg.listen))?;
     let local = socket.local_addr().map_err(|e| e.to_string())?;
 
-    let mut store: Box<dyn Store + Send> = match cfg.storage {
+    let (mut store, pg_listener): (Box<dyn Store + Send>, Option<Listener>) = match cfg.storage {
         StorageKind::Sqlite => {
-            Box::new(SqliteStore::open(&cfg.data_dir, cfg.max_inbox as usize).map_err(|e| e.to_string())?)
+            let mut s =
+                SqliteStore::open(&cfg.data_dir, cfg.max_inbox as usize).map_err(|e| e.to_string())?;
+            s.begin_epoch().map_err(|e| format!("cannot start storage: {e}"))?;
+            (Box::new(s), None)
         }
-        StorageKind::Memory => Box::new(MemoryStore::new(cfg.max_inbox as usize)),
+        StorageKind::Memory => {
+            let mut s = MemoryStore::new(cfg.max_inbox as usize);
+            s.begin_epoch().map_err(|e| format!("cannot start storage: {e}"))?;
+            (Box::new(s), None)
+        }
+        StorageKind::Postgres => {
+            let password_file = (!cfg.postgres_password_file.is_empty())
+                .then(|| std::path::Path::new(&cfg.postgres_password_file));
+            let config =
+                postgres::connect_config(&cfg.postgres_url, password_file).map_err(|e| e.to_string())?;
+            let mut s = PgStore::open_node(
+                config,
+                &cfg.node_name(local.port()),
+                &local.to_string(),
+                cfg.max_inbox as usize,
+                cfg.session_idle_timeout_secs,
+            )
+            .map_err(|e| format!("cannot open storage: {e}"))?;
+            s.begin_epoch().map_err(|e| format!("cannot start storage: {e}"))?;
+            // Its cursor starts before the sessions are loaded: what commits after is read by
+            // it, what came before by the sessions' catch-up.
+            let l = Listener::start(s.config(), s.node_id())
+                .map_err(|e| format!("cannot listen for other nodes: {e}"))?;
+            (Box::new(s), Some(l))
+        }
     };
-    store.begin_epoch().map_err(|e| format!("cannot start storage: {e}"))?;
     let start = store.load().map_err(|e| format!("cannot load storage: {e}"))?;
 
     if stop.load(Ordering::SeqCst) {
@@ -123,6 +151,13 @@ pub fn run(
     let mut core = Server::new(cfg, params, start, Box::new(rng), Instant::now());
     let store = StoreThread::spawn(store, waker.clone())
         .map_err(|e| format!("cannot start the store thread: {e}"))?;
+    let listener = match pg_listener {
+        Some(l) => Some(
+            ListenerThread::spawn(l, waker.clone())
+                .map_err(|e| format!("cannot start the listener thread: {e}"))?,
+        ),
+        None => None,
+    };
     // What the store thread is doing, if anything: one job at a time.
     let mut store_busy = false;
 
@@ -163,7 +198,11 @@ pub fn run(
                     outbox.flush(&socket);
                 }
             } else if let Some(m) = metrics.as_mut().filter(|m| m.owns(event.token())) {
-                let shell = ShellCounters { datagrams_out: outbox.sent, send_drops: outbox.dropped };
+                let shell = ShellCounters {
+                    datagrams_out: outbox.sent,
+                    send_drops: outbox.dropped,
+                    listener: listener.as_ref().map(|l| l.stats.clone()),
+                };
                 m.ready(poll.registry(), event.token(), &core, &shell);
             }
         }
@@ -191,6 +230,12 @@ pub fn run(
             if apply_done(&mut core, now, done)? {
                 store_busy = false;
             }
+        }
+        if let Some(l) = &listener {
+            for remote in l.take() {
+                core.on_remote(now, remote);
+            }
+            l.set_sessions(core.session_count());
         }
         if readable {
             let mut received = 0;
@@ -341,6 +386,9 @@ fn apply_reload(core: &mut Server, new: ServerConfig) {
     kept.listen = old.listen;
     kept.data_dir = old.data_dir;
     kept.storage = old.storage;
+    kept.postgres_url = old.postgres_url;
+    kept.postgres_password_file = old.postgres_password_file;
+    kept.node_name = old.node_name;
     kept.password_workers = old.password_workers;
     kept.metrics_listen = old.metrics_listen;
     kept.max_inbox = old.max_inbox;
@@ -359,6 +407,9 @@ const RESTART_KEYS: &[&str] = &[
     "listen",
     "data_dir",
     "storage",
+    "postgres_url",
+    "postgres_password_file",
+    "node_name",
     "password_workers",
     "metrics_listen",
     "max_inbox",
@@ -405,14 +456,29 @@ fn apply_done(core: &mut Server, now: Instant, done: Done) -> Result<bool, Strin
             return Ok(false);
         }
         Done::Flushed(_) => return Ok(false),
-        Done::Committed { n, writes } => core.on_committed(now, n, writes),
-        Done::Failed { n, writes, error, durable } => {
+        Done::Committed { n, writes, outcome } => {
+            // Registrations another node won are answered "name taken" when the batch's
+            // replies go; what the commit found for later comes after them.
+            core.on_names_taken(&outcome.names_taken);
+            core.on_committed(now, n, writes);
+            for remote in outcome.remote {
+                core.on_remote(now, remote);
+            }
+        }
+        Done::Failed { n, writes, error, durable, survivable } => {
             // Nothing of the batch is stored and none of its replies has left: undo it in memory
-            // and tell those clients to retry. If even reading fails, stop: that loses nothing
-            // acknowledged either.
+            // and tell those clients to retry. If even reading fails, stop (that loses nothing
+            // acknowledged either), unless the store reconnects by itself: then the core's own
+            // idea of what is stored serves.
             log::error!("storage commit of {writes} write(s) failed: {error}");
-            let durable =
-                durable.map_err(|e| format!("storage unreadable after a failed commit, stopping: {e}"))?;
+            let durable = match durable {
+                Ok(d) => d,
+                Err(e) if survivable => {
+                    warn!("storage unreadable after a failed commit ({e}); going on, reconnecting");
+                    core.assumed_durable()
+                }
+                Err(e) => return Err(format!("storage unreadable after a failed commit, stopping: {e}")),
+            };
             core.on_commit_failed(now, n, durable);
         }
         // Accounts added, deleted or given a new password by `udpmsgd user ...`.

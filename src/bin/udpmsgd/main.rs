@@ -4,6 +4,7 @@
 
 mod admin;
 mod event_loop;
+mod listener;
 mod metrics;
 mod store_thread;
 mod workers;
@@ -45,6 +46,9 @@ enum Cmd {
         #[command(subcommand)]
         action: UserCmd,
     },
+    /// List the daemons sharing the PostgreSQL database: their sessions, last heartbeat and
+    /// whether they are live.
+    Nodes,
     /// Show or check the configuration.
     Config {
         #[command(subcommand)]
@@ -100,6 +104,13 @@ fn main() -> ExitCode {
             println!("configuration is valid");
             ExitCode::SUCCESS
         }
+        Some(Cmd::Nodes) => match admin::nodes(&layered.config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("udpmsgd: {e}");
+                ExitCode::from(1)
+            }
+        },
         Some(Cmd::User { action }) => {
             let result = match action {
                 UserCmd::Add { name } => admin::add(&layered.config, name),

@@ -43,6 +43,8 @@ pub struct Metrics {
 pub struct ShellCounters {
     pub datagrams_out: u64,
     pub send_drops: u64,
+    /// One node of several on PostgreSQL: what its listener did.
+    pub listener: Option<std::sync::Arc<crate::listener::ListenerStats>>,
 }
 
 impl Metrics {
@@ -289,6 +291,86 @@ pub fn render(core: &Server, shell: &ShellCounters) -> String {
         &[("", s.amplification_dropped)],
     );
     metric("datagrams_sent_total", "counter", "Datagrams sent.", &[("", shell.datagrams_out)]);
+    if let Some(l) = &shell.listener {
+        use std::sync::atomic::Ordering::Relaxed;
+        let live = l.nodes_live.load(Relaxed);
+        let known = l.nodes_known.load(Relaxed);
+        metric(
+            "nodes",
+            "gauge",
+            "Daemons registered on the shared database: live (a heartbeat in the last 5 s) and down.",
+            &[("{state=\"live\"}", live), ("{state=\"down\"}", known.saturating_sub(live))],
+        );
+        metric(
+            "node_listener_connected",
+            "gauge",
+            "Whether the listener's PostgreSQL connection is up.",
+            &[("", u64::from(l.connected.load(Relaxed)))],
+        );
+        metric(
+            "node_notifications_total",
+            "counter",
+            "NOTIFY wake-ups received.",
+            &[("", l.notifications.load(Relaxed))],
+        );
+        metric(
+            "node_event_reads_total",
+            "counter",
+            "Reads of the event cursor.",
+            &[("", l.reads.load(Relaxed))],
+        );
+        metric("node_events_total", "counter", "Event rows read.", &[("", l.events.load(Relaxed))]);
+        metric(
+            "node_listener_reconnects_total",
+            "counter",
+            "Times the listener connected again after losing its connection.",
+            &[("", l.reconnects.load(Relaxed))],
+        );
+        metric(
+            "node_listener_errors_total",
+            "counter",
+            "Listener polls that failed.",
+            &[("", l.errors.load(Relaxed))],
+        );
+    }
+    if core.is_node() {
+        metric(
+            "node_remote_messages_total",
+            "counter",
+            "Messages committed by other nodes and pushed to sessions here.",
+            &[("", s.remote_messages)],
+        );
+        metric(
+            "node_sessions_claimed_total",
+            "counter",
+            "Sessions taken over from other nodes.",
+            &[("", s.sessions_claimed)],
+        );
+        metric(
+            "node_sessions_moved_away_total",
+            "counter",
+            "Sessions other nodes took over.",
+            &[("", s.sessions_moved_away)],
+        );
+        metric(
+            "node_sessions_ended_elsewhere_total",
+            "counter",
+            "Sessions ended by another node or an admin command (account deleted, password changed).",
+            &[("", s.sessions_ended_elsewhere)],
+        );
+        metric(
+            "node_claims_throttled_total",
+            "counter",
+            "Unknown tokens not looked up because their address's allowance was used up.",
+            &[("", s.claims_throttled)],
+        );
+        metric(
+            "node_registrations_lost_total",
+            "counter",
+            "Registrations answered \"name taken\" because another node registered the name first.",
+            &[("", s.names_taken_elsewhere)],
+        );
+    }
     metric("send_drops_total", "counter", "Datagrams the socket could not take.", &[("", shell.send_drops)]);
     metric("storage_commits_total", "counter", "Batches committed.", &[("", s.commits)]);
     metric(

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 use udpmsg::server::ReadJob;
-use udpmsg::store::{ReadResult, Startup, Store, StoreError, Write};
+use udpmsg::store::{CommitOutcome, ReadResult, Startup, Store, StoreError, Write};
 
 pub enum Job {
     /// Make batch `n` durable.
@@ -37,13 +37,17 @@ pub enum Done {
     Committed {
         n: u64,
         writes: usize,
+        /// What the commit learned for the core (shared stores).
+        outcome: CommitOutcome,
     },
     /// Nothing of batch `n` is stored; `durable` is the state as it is (or why it cannot be read).
+    /// `survivable`: the store reconnects by itself, so an unreadable state is no reason to stop.
     Failed {
         n: u64,
         writes: usize,
         error: StoreError,
         durable: Result<Startup, StoreError>,
+        survivable: bool,
     },
     Read {
         id: u64,
@@ -119,10 +123,16 @@ impl StoreThread {
                     Job::Commit(n, writes) => {
                         upkeep = true;
                         match store.commit(&writes) {
-                            Ok(()) => Done::Committed { n, writes: writes.len() },
-                            Err(error) => {
-                                Done::Failed { n, writes: writes.len(), error, durable: store.load() }
+                            Ok(()) => {
+                                Done::Committed { n, writes: writes.len(), outcome: store.commit_outcome() }
                             }
+                            Err(error) => Done::Failed {
+                                n,
+                                writes: writes.len(),
+                                error,
+                                durable: store.load(),
+                                survivable: store.survives_outages(),
+                            },
                         }
                     }
                     Job::Read(r) => Done::Read { id: r.id, result: store.read(&r.read) },
