@@ -393,6 +393,13 @@ pub struct ClientConfig {
     /// to 7070). The client resolves it and tries each address the name has until one does not
     /// refuse.
     pub server: String,
+    /// Several daemons sharing one database (`storage = "postgres"`): their addresses, in the
+    /// order to try them; when set, `server` is not used. When the one in use stops answering
+    /// (`failover_after_tries` unanswered transmissions, or its address refuses), the client
+    /// moves to the next, with its session.
+    pub servers: Vec<String>,
+    /// Unanswered transmissions of one request before moving to the next server (1..=100).
+    pub failover_after_tries: u32,
     /// First request timeout before any RTT sample; its floor and cap (RFC 6298 style).
     pub request_initial_timeout_ms: u64,
     pub request_min_timeout_ms: u64,
@@ -408,6 +415,8 @@ impl Default for ClientConfig {
     fn default() -> Self {
         ClientConfig {
             server: "127.0.0.1:7070".into(),
+            servers: Vec::new(),
+            failover_after_tries: 3,
             request_initial_timeout_ms: 1000,
             request_min_timeout_ms: 200,
             request_max_timeout_ms: 8000,
@@ -420,6 +429,10 @@ impl Default for ClientConfig {
 impl ClientConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         split_host_port(&self.server).map_err(|e| ConfigError(format!("{e} for `server`")))?;
+        for s in &self.servers {
+            split_host_port(s).map_err(|e| ConfigError(format!("{e} in `servers`")))?;
+        }
+        range("failover_after_tries", self.failover_after_tries, 1, 100)?;
         range("request_initial_timeout_ms", self.request_initial_timeout_ms, 10, 60_000)?;
         range("request_min_timeout_ms", self.request_min_timeout_ms, 1, 60_000)?;
         range("request_max_timeout_ms", self.request_max_timeout_ms, 10, 600_000)?;
@@ -432,6 +445,15 @@ impl ClientConfig {
         range("request_max_tries", self.request_max_tries, 1, 100)?;
         range("ping_interval_secs", self.ping_interval_secs, 1, 86_400)?;
         Ok(())
+    }
+
+    /// The servers to use, in order: `servers`, or `server` alone.
+    pub fn server_list(&self) -> Vec<String> {
+        if self.servers.is_empty() {
+            vec![self.server.clone()]
+        } else {
+            self.servers.clone()
+        }
     }
 
     pub fn request_rto(&self) -> crate::rtt::RtoConfig {
@@ -881,7 +903,8 @@ mod tests {
             "postgres://h/db?user=u&password=***&x=1"
         );
         let env = vec![("UDPMSG_POSTGRES_URL".to_string(), "postgres://u:s3cret@h/db".to_string())];
-        let l = layered_server(Path::new("/nonexistent.toml"), false, env, toml::Table::new()).unwrap();
+        let l =
+            layered_server(Path::new("/nonexistent.toml"), false, env, toml::Table::new(), &no_dns).unwrap();
         let printed = l.render();
         assert!(
             printed.contains("postgres_url = \"postgres://u:***@h/db\"") && !printed.contains("s3cret"),

@@ -25,7 +25,7 @@ const WAIT: Duration = Duration::from_secs(20);
 const CLIENT_CONFIG: &str = "request_initial_timeout_ms = 200\nrequest_min_timeout_ms = 50\n\
     request_max_timeout_ms = 500\nrequest_max_tries = 100\nping_interval_secs = 1\n";
 
-const DAEMON_EXTRA: &str = "max_retrieve = 10000\nmax_inbox = 100000\n\
+const DAEMON_EXTRA: &str = "max_retrieve = 10000\nmax_inbox = 100000\ncatch_up_max = 1000\n\
     push_initial_rto_ms = 200\npush_min_rto_ms = 50\npush_max_rto_ms = 1000\npush_max_tries = 100\n";
 
 struct Node {
@@ -467,4 +467,71 @@ fn nothing_acknowledged_is_lost_when_a_node_dies_or_the_database_cuts_connection
     );
     // No udpmsgd process is left behind by the test.
     let _ = Command::new("true").status();
+}
+
+/// A client given every node's address keeps its session when its node dies: it moves to the
+/// next (saying so), the new node takes the session over, and every acknowledged post is shown
+/// exactly once, in order, across the move.
+#[test]
+fn a_client_whose_node_is_killed_moves_on_and_misses_nothing() {
+    let Some(mut c) = Cluster::start("failover", 3) else { return };
+    let cfg = client_config(c.dir.path());
+    assert_eq!(
+        run_client(c.addr(0), &["--json"], "register#poster&password\nregister#sub&password\n").code,
+        Some(0)
+    );
+    let (n1, n2) = (c.addr(0).to_string(), c.addr(1).to_string());
+    let mut sub = LiveClient::start(c.addr(0), &["--json", "--config", &cfg, "--server", &n2]);
+    sub.send("login#sub&password");
+    sub.send("subscribe#poster");
+    assert!(
+        wait_json(&mut sub, WAIT, |v| v["command"] == "subscribe" && v["type"] == "ok").is_some(),
+        "{:?}",
+        sub.stdout.seen
+    );
+    let mut posters = vec![Poster {
+        name: "poster".into(),
+        client: logged_in(c.addr(2), &cfg, "poster"),
+        texts: Vec::new(),
+        outcomes: Vec::new(),
+        parsed: 0,
+        next_post: Instant::now(),
+    }];
+    run_for(&mut posters, &mut sub, true, Duration::from_millis(800), |_| false);
+    // The subscriber's node dies mid-stream, for good.
+    c.nodes[0].process.kill();
+    let moved = wait_json(&mut sub, WAIT, |v| v["type"] == "moved");
+    assert!(moved.as_ref().is_some_and(|m| m["server"] == n2.as_str()), "{moved:?} {:?}", sub.stdout.seen);
+    run_for(&mut posters, &mut sub, true, Duration::from_millis(1500), |_| false);
+    assert!(run_for(&mut posters, &mut sub, false, Duration::from_secs(30), |ps| ps[0].outcomes.len()
+        == ps[0].texts.len()));
+    let acked: Vec<u64> = posters[0].outcomes.iter().flatten().copied().collect();
+    assert!(acked.len() > 40, "{} posts acknowledged", acked.len());
+    let shown = |sub: &LiveClient| -> Vec<u64> {
+        sub.stdout
+            .seen
+            .iter()
+            .filter_map(|l| parse(l))
+            .filter(|v| v["type"] == "push")
+            .map(|v| v["id"].as_u64().unwrap())
+            .collect()
+    };
+    let end = Instant::now() + WAIT;
+    while Instant::now() < end && !acked.iter().all(|id| shown(&sub).contains(id)) {
+        sub.stdout.wait_for(Duration::from_millis(100), |_| false);
+    }
+    let seen = shown(&sub);
+    let missing: Vec<&u64> = acked.iter().filter(|id| !seen.contains(id)).collect();
+    assert!(missing.is_empty(), "acknowledged posts never shown: {missing:?}");
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(seen, sorted, "shown once each, in order");
+    // The session is the same one: no second login, and it still works on n2.
+    sub.send("whoami");
+    let me = wait_json(&mut sub, WAIT, |v| v["command"] == "whoami").unwrap();
+    assert_eq!((me["type"].as_str(), me["user"].as_str()), (Some("ok"), Some("sub")), "{me}");
+    let logins = sub.stdout.seen.iter().filter_map(|l| parse(l)).filter(|v| v["command"] == "login").count();
+    assert_eq!(logins, 1);
+    println!("{} posts acknowledged and shown once each across the move from {n1} to {n2}", acked.len());
 }

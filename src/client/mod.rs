@@ -28,6 +28,17 @@
 //! - A version notice counts only if it echoes the start of the request it answers; one that
 //!   does not (a v2 daemon's, or a forged one) is remembered and named only if no answer comes.
 //!
+//! # Several servers
+//!
+//! Given the addresses of several daemons sharing one database ([`Client::set_servers`]), a
+//! request unanswered after `failover_after_tries` transmissions (or whose server's address
+//! refuses, [`Client::fail_over`]) moves to the next server, the same request (same id, same
+//! token) sent there at once, and [`Event::Moved`] says so. The session comes along: the new
+//! daemon takes it over from the old one and numbers its pushes in a newer epoch, which the
+//! client follows once an answer names it, as after a restart; it pushes what the session may
+//! have missed, and the messages already shown are dropped by their ids. Each request tries
+//! every server at most once before "no answer".
+//!
 //! Keepalives and probes are background requests: [`Client::is_ready`] is true while one is
 //! outstanding, and a command submitted then takes its place. [`Client::abandon`] gives up the
 //! command in flight (its late reply is ignored). Whether the server answers at all is tracked
@@ -110,6 +121,8 @@ pub enum Event {
     Refused { command: &'static str, server: SocketAddr },
     /// Whether the server answers changed (see `contact.rs`).
     Contact { server: SocketAddr, change: ContactChange },
+    /// The server stopped answering; the client moved to the next one (see the module docs).
+    Moved { from: SocketAddr, to: SocketAddr },
 }
 
 /// The client's states; see the module docs.
@@ -213,6 +226,8 @@ struct Pending {
     /// Whether the server was answering when it began: then a refusal may be a restart, and
     /// the request keeps retrying.
     while_up: bool,
+    /// Servers it moved to so far.
+    moves: usize,
 }
 
 /// Why `submit` refused a command.
@@ -248,6 +263,8 @@ pub struct Client {
     /// Last time we sent anything; a keepalive goes out after `ping_interval` of silence.
     last_sent: Instant,
     contact: Contact,
+    /// Every server's address, the one in use among them (empty: only `server`).
+    servers: Vec<SocketAddr>,
 }
 
 impl Client {
@@ -272,7 +289,50 @@ impl Client {
             early_pushes: Vec::new(),
             last_sent: now,
             contact,
+            servers: Vec::new(),
         }
+    }
+
+    /// The daemons to move between, in order (see the module docs); the one in use is added
+    /// if missing.
+    pub fn set_servers(&mut self, mut servers: Vec<SocketAddr>) {
+        servers.dedup();
+        if !servers.contains(&self.server) {
+            servers.insert(0, self.server);
+        }
+        self.servers = servers;
+    }
+
+    /// The server in use refuses (nothing listens at its address): move to the next one now,
+    /// if there is one the request in flight has not tried. Returns whether it moved.
+    pub fn fail_over(&mut self, now: Instant) -> bool {
+        let can = match &self.pending {
+            Some(p) => !matches!(p.op, Op::Probe) && p.moves + 1 < self.servers.len(),
+            None => self.servers.len() > 1,
+        };
+        if can {
+            self.move_on(now);
+        }
+        can
+    }
+
+    /// To the next server, with the request in flight.
+    fn move_on(&mut self, now: Instant) {
+        let Some(at) = self.servers.iter().position(|s| *s == self.server) else { return };
+        let from = self.server;
+        self.server = self.servers[(at + 1) % self.servers.len()];
+        // Another path: what was learnt of the old one's round trip says nothing of it.
+        self.rtt = RttEstimator::new(self.cfg.request_rto());
+        debug!("moving from {from} to {}", self.server);
+        if let Some(p) = &mut self.pending {
+            p.moves += 1;
+            p.tries = 1;
+            p.first_sent = now;
+            p.deadline = now + self.rtt.backoff(1);
+            self.out.push_back(p.bytes.clone());
+            self.last_sent = now;
+        }
+        self.events.push_back(Event::Moved { from, to: self.server });
     }
 
     pub fn state(&self) -> State {
@@ -464,6 +524,7 @@ impl Client {
             tries: 1,
             deadline,
             while_up,
+            moves: 0,
         });
         self.set_state(State::Awaiting);
     }
@@ -748,6 +809,11 @@ impl Client {
                 return;
             }
             let max_tries = if let Op::Probe = p.op { 1 } else { self.cfg.request_max_tries };
+            let move_after = self.cfg.failover_after_tries.min(max_tries);
+            if p.tries >= move_after && !matches!(p.op, Op::Probe) && p.moves + 1 < self.servers.len() {
+                self.move_on(now);
+                return;
+            }
             if p.tries >= max_tries {
                 let p = self.pending.take().expect("checked");
                 debug!("{} #{}: no answer after {} tries", p.op.name(), p.id, p.tries);

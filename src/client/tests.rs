@@ -552,3 +552,120 @@ fn a_new_server_address_gets_the_request_in_flight_at_once() {
     c.handle(t0, other, &encode_server(&ServerMsg::Reply { id: first.id, result: Ok(Response::Pong) }));
     assert!(matches!(c.poll_event(), Some(Event::Done(Done::Pong { .. }))));
 }
+
+/// Several daemons on one database: a request unanswered `failover_after_tries` times moves,
+/// with the session, to the next; pushes in the new daemon's epoch are followed once it names
+/// it, and what was shown already is not shown again.
+#[test]
+fn a_silent_server_is_left_for_the_next_with_the_session() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    let other: SocketAddr = "127.0.0.2:7070".parse().unwrap();
+    c.set_servers(vec![addr(), other]);
+    let token = login(&mut c, t0);
+    c.handle(
+        t0,
+        addr(),
+        &encode_server(&ServerMsg::Push { session: token.session_id(), epoch: 1, seq: 1, message: msg(10) }),
+    );
+    assert_eq!(c.poll_event(), Some(Event::Push(msg(10))));
+    sent(&mut c);
+    c.submit(t0, Command::Post { text: "hi".into() }).unwrap();
+    let id = match &sent(&mut c)[..] {
+        [ClientMsg::Request(r)] => r.id,
+        other => panic!("{other:?}"),
+    };
+    // Three transmissions to the first server (the default failover_after_tries), then the
+    // same request goes to the second at once.
+    let mut now;
+    for _ in 0..2 {
+        now = c.poll_timeout().unwrap();
+        c.handle_timeout(now);
+        assert_eq!(sent(&mut c).len(), 1);
+        assert_eq!(c.server(), addr());
+    }
+    now = c.poll_timeout().unwrap();
+    c.handle_timeout(now);
+    assert_eq!(c.server(), other);
+    assert_eq!(c.poll_event(), Some(Event::Moved { from: addr(), to: other }));
+    match &sent(&mut c)[..] {
+        [ClientMsg::Request(r)] => {
+            assert_eq!((r.id, r.token), (id, Some(token)), "the same request, same session")
+        }
+        other => panic!("{other:?}"),
+    }
+    // The old server is no longer listened to.
+    c.handle(
+        now,
+        addr(),
+        &encode_server(&ServerMsg::Reply { id, result: Ok(Response::Posted { id: 1, recipients: 0 }) }),
+    );
+    assert_eq!(c.poll_event(), None);
+    // The new daemon took the session over: it pushes in a newer epoch what may have been
+    // missed (10 again, and 11), held until an answer names that epoch.
+    let push = |seq, message| ServerMsg::Push { session: token.session_id(), epoch: 5, seq, message };
+    c.handle(now, other, &encode_server(&push(1, msg(10))));
+    c.handle(now, other, &encode_server(&push(2, msg(11))));
+    assert_eq!(c.poll_event(), None);
+    c.handle(
+        now,
+        other,
+        &encode_server(&ServerMsg::Reply { id, result: Ok(Response::Posted { id: 12, recipients: 0 }) }),
+    );
+    assert_eq!(c.poll_event(), Some(Event::Done(Done::Posted { id: 12, recipients: 0 })));
+    // The client asks for the epoch (a ping); the answer releases 11 only.
+    let ping = sent(&mut c).into_iter().find_map(|m| match m {
+        ClientMsg::Request(r) if r.body == RequestBody::Ping => Some(r.id),
+        _ => None,
+    });
+    let ping = ping.unwrap_or_else(|| {
+        let at = c.poll_timeout().expect("a ping is due");
+        c.handle_timeout(at.max(now));
+        match &sent(&mut c)[..] {
+            [.., ClientMsg::Request(r)] if r.body == RequestBody::Ping => r.id,
+            other => panic!("no ping: {other:?}"),
+        }
+    });
+    c.handle(
+        now,
+        other,
+        &encode_server(&ServerMsg::Reply { id: ping, result: Ok(Response::SessionPong { epoch: 5 }) }),
+    );
+    assert_eq!(c.poll_event(), Some(Event::Push(msg(11))));
+    assert_eq!(c.poll_event(), None);
+}
+
+/// Each request tries every server once, then reports no answer; a refused address moves at
+/// once; a probe never moves.
+#[test]
+fn every_server_once_per_request() {
+    let t0 = Instant::now();
+    let mut c = client(t0);
+    let (b, d): (SocketAddr, SocketAddr) =
+        ("127.0.0.2:7070".parse().unwrap(), "127.0.0.3:7070".parse().unwrap());
+    c.set_servers(vec![addr(), b, d]);
+    c.submit(t0, Command::Ping).unwrap();
+    sent(&mut c);
+    assert!(c.fail_over(t0), "refused: the next one at once");
+    assert_eq!(c.server(), b);
+    assert_eq!(c.poll_event(), Some(Event::Moved { from: addr(), to: b }));
+    let mut moved = vec![];
+    let mut now = t0;
+    for _ in 0..20 {
+        let Some(t) = c.poll_timeout() else { break };
+        now = t;
+        c.handle_timeout(now);
+        while let Some(e) = c.poll_event() {
+            moved.push(e);
+        }
+        if c.is_ready() {
+            break;
+        }
+    }
+    assert_eq!(moved[0], Event::Moved { from: b, to: d });
+    assert!(
+        matches!(moved.last(), Some(Event::NoAnswer { server, tries: 4, .. }) if *server == d),
+        "{moved:?}"
+    );
+    assert!(!c.fail_over(now) || c.server() == addr(), "without a request the next server is just next");
+}

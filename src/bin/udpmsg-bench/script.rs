@@ -157,8 +157,9 @@ impl Behavior for Script {
                 self.queues[i].clear();
                 self.next(sim, i, now);
             }
-            // Pushes, and the contact changes that the retries above already deal with.
-            Event::Push(_) | Event::Contact { .. } => {}
+            // Pushes, contact changes that the retries above already deal with, and moves
+            // (the bench's clients are given one server each).
+            Event::Push(_) | Event::Contact { .. } | Event::Moved { .. } => {}
         }
     }
 

@@ -41,10 +41,11 @@ struct Args {
     /// it exists, and the built-in defaults otherwise.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
-    /// The daemon's address (overrides `server` in the config): HOST[:PORT], a name or an IP
-    /// address; the port defaults to 7070.
+    /// The daemon's address (overrides `server` and `servers` in the config): HOST[:PORT], a
+    /// name or an IP address; the port defaults to 7070. Repeat it for several daemons sharing
+    /// one database: when one stops answering, the client moves to the next with its session.
     #[arg(long, value_name = "ADDR")]
-    server: Option<String>,
+    server: Vec<String>,
     /// Run the commands in FILE, one per line, instead of reading stdin.
     #[arg(long, value_name = "FILE")]
     script: Option<PathBuf>,
@@ -110,11 +111,27 @@ fn load_config(args: &Args) -> Result<ClientConfig, config::ConfigError> {
     };
     let mut cfg: ClientConfig = config::load(&path, explicit)?;
     cfg.validate().map_err(|e| config::ConfigError(format!("{}: {e}", path.display())))?;
-    if let Some(server) = &args.server {
+    for server in &args.server {
         config::split_host_port(server).map_err(|e| config::ConfigError(format!("--server: {e}")))?;
-        cfg.server = server.clone();
+    }
+    if !args.server.is_empty() {
+        cfg.server = args.server[0].clone();
+        cfg.servers = if args.server.len() > 1 { args.server.clone() } else { Vec::new() };
     }
     Ok(cfg)
+}
+
+/// Every address of every server, in order, each once.
+fn resolve_all(cfg: &ClientConfig) -> Result<Vec<SocketAddr>, String> {
+    let mut all = Vec::new();
+    for server in cfg.server_list() {
+        for a in resolve(&server)? {
+            if !all.contains(&a) {
+                all.push(a);
+            }
+        }
+    }
+    Ok(all)
 }
 
 /// The addresses of `server`, in the resolver's order.
@@ -184,10 +201,9 @@ impl Out {
 }
 
 fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, String> {
-    let addrs = resolve(&cfg.server)?;
+    let addrs = resolve_all(&cfg)?;
     let mut poll = Poll::new().map_err(|e| e.to_string())?;
     let mut link = net::Link::open(addrs[0], poll.registry(), SOCKET)?;
-    let mut next_addr = 1;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| e.to_string())?);
     let names: Arc<Mutex<BTreeSet<String>>> = Arc::default();
     let tz = jiff::tz::TimeZone::try_system().unwrap_or_else(|e| {
@@ -213,8 +229,18 @@ fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, St
 
     let now = Instant::now();
     let first_id = rand::rng().random_range(1..u64::from(u32::MAX));
-    let mut driver =
-        Driver::new(Client::new(cfg, link.addr, first_id, now), interactive, args.keep_session, names);
+    // Several daemons (several servers given, or a name with several addresses of one family):
+    // the client moves between them when one stops answering. Otherwise a name's other
+    // addresses (localhost: ::1 and 127.0.0.1) are tried only until one does not refuse.
+    let several = cfg.server_list().len() > 1
+        || addrs.iter().filter(|a| a.is_ipv4()).count() > 1
+        || addrs.iter().filter(|a| a.is_ipv6()).count() > 1;
+    let mut client = Client::new(cfg, link.addr, first_id, now);
+    if several {
+        client.set_servers(addrs.clone());
+    }
+    let mut next_addr = 1;
+    let mut driver = Driver::new(client, interactive, args.keep_session, names);
     if interactive {
         // Say whether the daemon answers, rather than assume it.
         driver.client_mut().watch_contact(now);
@@ -250,11 +276,22 @@ fn run(cfg: ClientConfig, args: &Args, interactive: bool) -> Result<ExitCode, St
         take_input(&rx, &mut driver, &mut out, now);
         driver.handle_timeout(now);
         driver.step(now);
+        // The client moved to another server (it stopped answering): talk to that one.
+        if driver.client().server() != link.addr {
+            let next = net::Link::open(driver.client().server(), poll.registry(), SOCKET)?;
+            std::mem::replace(&mut link, next).close(poll.registry());
+        }
         while let Some(bytes) = driver.poll_transmit() {
             refused |= !link.send(bytes);
         }
         if refused {
-            if !driver.client().has_had_contact() && next_addr < addrs.len() {
+            if several && driver.client_mut().fail_over(now) {
+                // Nothing listens there: the next daemon, if the request in flight has one
+                // left to try.
+                log::debug!("{} refused; trying {}", link.addr, driver.client().server());
+                let next = net::Link::open(driver.client().server(), poll.registry(), SOCKET)?;
+                std::mem::replace(&mut link, next).close(poll.registry());
+            } else if !several && !driver.client().has_had_contact() && next_addr < addrs.len() {
                 // Another address of the same name may be the one the daemon listens on
                 // (localhost: ::1 and 127.0.0.1).
                 log::debug!("{} refused; trying {}", link.addr, addrs[next_addr]);

@@ -205,6 +205,7 @@ pub fn human(item: &Item, clock: &Clock) -> Rendered {
             )),
             Event::SessionLost { error } => err(error.to_string()),
             Event::Contact { server, change } => note(contact(server, change)),
+            Event::Moved { to, .. } => note(format!("moved to {to}")),
         },
         Item::Failed { command, error, text_len } => {
             err(format!("error: {}", failure(command, error, *text_len)))
@@ -333,6 +334,10 @@ pub fn json(item: &Item) -> Value {
             Event::SessionLost { error } => {
                 json!({ "type": "session_lost", "code": error.code(), "message": error.to_string() })
             }
+            Event::Moved { from, to } => json!({
+                "type": "moved", "from": from.to_string(), "server": to.to_string(),
+                "message": format!("moved to {to}"),
+            }),
             Event::Contact { server, change } => {
                 let state = match change {
                     ContactChange::Connected => "connected",
