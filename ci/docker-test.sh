@@ -12,6 +12,10 @@
 #     for the HEALTHCHECK to say healthy; `docker stop` must exit 0 after a clean shutdown; a
 #     new container on the same volume still has the accounts and messages;
 #  5. brings docker-compose.yml up as it is (with that image, published on 127.0.0.1) and down;
+#     then its multi-node profile: PostgreSQL (image built from contrib/postgres on a local
+#     Debian image that debootstrap made with postgresql-15 in it) and three daemons; a post
+#     through node1 reaches a subscriber on node2; a client given all three nodes carries on
+#     through node2 when its node1 is stopped, with its session; `udpmsgd nodes` lists them;
 #  6. verifies contrib/udpmsgd.service with systemd-analyze, when it is installed.
 #
 # Everything it creates (containers, volumes, networks, images, temporary files) is labelled
@@ -38,6 +42,8 @@ RUN_ID=$$
 IMG=udpmsg-ci:$RUN_ID
 IMG_RUST=udpmsg-ci-rust:$RUN_ID
 IMG_RUNTIME=udpmsg-ci-runtime:$RUN_ID
+IMG_PG_BASE=udpmsg-ci-pg-base:$RUN_ID
+IMG_PG=udpmsg-ci-postgres:$RUN_ID
 VOL=udpmsg-ci-data-$RUN_ID
 CTR=udpmsg-ci-$RUN_ID
 T0=$SECONDS
@@ -456,6 +462,68 @@ if [ "${#COMPOSE[@]}" -gt 0 ]; then
     [ "$code" = 0 ] || die "the compose service exited with status $code"
     UDPMSGD_IMAGE=$IMG timeout 60 "${COMPOSE[@]}" down -v
     log "docker-compose.yml: up, register, login, stop (exit status 0), down"
+
+    # ---- 5b. several nodes on PostgreSQL: the compose profile "nodes" ----
+    if [ -n "${UDPMSG_CI_RUNTIME_IMAGE:-}" ]; then
+        label_image "$UDPMSG_CI_RUNTIME_IMAGE" "$IMG_PG_BASE"
+    else
+        rootfs_tar "postgresql-15"
+        log "docker import PostgreSQL base $IMG_PG_BASE"
+        docker import --change "LABEL $LABEL=$RUN_ID" --change "ENV $IMPORT_PATH" \
+            "$ROOTFS_TAR" "$IMG_PG_BASE" >/dev/null
+    fi
+    log "docker build contrib/postgres"
+    timeout 900 docker build -q --label "$LABEL=$RUN_ID" --build-arg "RUNTIME_IMAGE=$IMG_PG_BASE" \
+        -t "$IMG_PG" contrib/postgres >/dev/null || die "the PostgreSQL image did not build"
+    head -c 24 /dev/urandom | base64 >"$WORK/pg-password"
+    chmod 0644 "$WORK/pg-password"
+    nodes_env=(env UDPMSGD_IMAGE="$IMG" UDPMSG_POSTGRES_IMAGE="$IMG_PG"
+        UDPMSG_POSTGRES_PASSWORD_FILE="$WORK/pg-password" UDPMSGD_PUBLISH_NODE1=127.0.0.1:
+        UDPMSGD_PUBLISH_NODE2=127.0.0.1: UDPMSGD_PUBLISH_NODE3=127.0.0.1:)
+    log "${COMPOSE[*]} --profile nodes up (PostgreSQL and three daemons)"
+    timeout 300 "${nodes_env[@]}" "${COMPOSE[@]}" --profile nodes up -d --no-build postgres node1 node2 node3
+    declare -A NODE
+    for n in node1 node2 node3; do
+        cid=$("${nodes_env[@]}" "${COMPOSE[@]}" --profile nodes ps -q "$n")
+        # The daemons retry while PostgreSQL starts (30 s), and restart after that.
+        wait_until 120 "$n to listen" sh -c "docker logs '$cid' 2>&1 | grep -q 'listening on 0.0.0.0:7070'"
+        NODE[$n]=$(docker port "$cid" 7070/udp | head -n 1)
+    done
+    ADDR=${NODE[node1]}
+    client nodes-setup "register#dave&dave-pw" "register#erin&erin-pw"
+    expect_in "$WORK/nodes-setup.out" "register (nodes)" "registered erin"
+    # erin on node2, given every node; dave posts through node1.
+    mkfifo "$WORK/erin.in"
+    (cd "$WORK" && exec timeout 120 "$CLIENT" --config "$WORK/client.toml" --json \
+        --server "${NODE[node1]}" --server "${NODE[node2]}" --server "${NODE[node3]}" \
+        <"$WORK/erin.in" >"$WORK/erin.out" 2>"$WORK/erin.err") &
+    ERIN=$!
+    exec 4>"$WORK/erin.in"
+    printf '%s\n' "login#erin&erin-pw" "subscribe#dave" >&4
+    wait_until 30 "erin to subscribe" grep -q '"command":"subscribe"' "$WORK/erin.out"
+    ADDR=${NODE[node2]}
+    client nodes-post "login#dave&dave-pw" "post#one, through node2"
+    wait_until 30 "the push to erin" grep -qF "one, through node2" "$WORK/erin.out"
+    # erin's node stops: her client moves on with the same session.
+    "${nodes_env[@]}" timeout 60 "${COMPOSE[@]}" --profile nodes stop node1
+    client nodes-post2 "login#dave&dave-pw" "post#two, after node1 stopped"
+    printf '%s\n' "whoami" >&4
+    wait_until 60 "erin's client to move" grep -q '"type":"moved"' "$WORK/erin.out"
+    wait_until 60 "the second push to erin" grep -qF "two, after node1 stopped" "$WORK/erin.out"
+    wait_until 30 "erin's whoami" grep -q '"command":"whoami"' "$WORK/erin.out"
+    expect_in "$WORK/erin.out" "whoami after the move" '"user":"erin"'
+    [ "$(grep -c '"command":"login"' "$WORK/erin.out")" = 1 ] || die "erin logged in more than once"
+    printf '%s\n' "quit" >&4
+    exec 4>&-
+    wait "$ERIN" || die "erin's client exited with status $?"
+    cid=$("${nodes_env[@]}" "${COMPOSE[@]}" --profile nodes ps -q node2)
+    docker exec "$cid" udpmsgd nodes >"$WORK/nodes.out" 2>"$WORK/nodes.err" ||
+        die "udpmsgd nodes failed: $(cat "$WORK/nodes.err")"
+    expect_in "$WORK/nodes.out" "udpmsgd nodes: node1" " node1 " "stopped"
+    expect_in "$WORK/nodes.out" "udpmsgd nodes: node2" " node2 " "live"
+    expect_in "$WORK/nodes.out" "udpmsgd nodes: node3" " node3 " "live"
+    "${nodes_env[@]}" timeout 120 "${COMPOSE[@]}" --profile nodes down -v
+    log "docker-compose.yml, profile nodes: cross-node push, a client moving with its session, udpmsgd nodes"
 fi
 
 # ---- 6. the systemd unit ----
