@@ -32,6 +32,9 @@ mod script;
 mod sim;
 mod workloads;
 
+#[path = "../common/pg_temp.rs"]
+mod pg_temp;
+
 use clap::{Parser, ValueEnum};
 use daemon::{log, Daemon, DaemonSpec, WorkDir};
 use serde::Serialize;
@@ -65,6 +68,11 @@ struct Args {
     /// Storage of the daemons the bench starts.
     #[arg(long, value_enum, default_value_t = Storage::Sqlite)]
     storage: Storage,
+    /// With --storage postgres: daemons on the one database. Workload 3's posters talk to the
+    /// first and its subscribers to the others (every push crosses nodes); workload 2's clients
+    /// take turns. The CPU columns are the first daemon's; PostgreSQL is in "other".
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
     /// Use a running daemon at ADDR instead of starting one per workload. Its own settings
     /// apply (argon2 cost, limits); commit statistics are then not available.
     #[arg(long, value_name = "ADDR")]
@@ -207,6 +215,9 @@ struct PopulateArgs {
 enum Storage {
     Sqlite,
     Memory,
+    /// A PostgreSQL the bench starts (Debian's binaries, fsync on), a fresh database per
+    /// workload; `--nodes` daemons share it.
+    Postgres,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -418,6 +429,23 @@ fn run(args: &Args) -> Result<bool, String> {
     let storage = match args.storage {
         Storage::Sqlite => "sqlite",
         Storage::Memory => "memory",
+        Storage::Postgres => "postgres",
+    };
+    if args.nodes == 0 || (args.nodes > 1 && args.storage != Storage::Postgres) {
+        return Err("--nodes N needs N >= 1, and more than one only with --storage postgres".into());
+    }
+    if args.storage == Storage::Postgres && args.workloads.contains(&6) {
+        return Err(
+            "workload 6 reads a populated SQLite dataset: leave it out with --storage postgres".into()
+        );
+    }
+    // One PostgreSQL for the run, durable as in production; a database per workload.
+    let pg = match (args.storage, args.server) {
+        (Storage::Postgres, None) => {
+            log("starting PostgreSQL ...");
+            Some(pg_temp::TempPg::start("bench", true)?)
+        }
+        _ => None,
     };
     let base = args.tmp_dir.clone().unwrap_or_else(std::env::temp_dir);
     let work = WorkDir::new(&base, args.keep_data)?;
@@ -437,6 +465,12 @@ fn run(args: &Args) -> Result<bool, String> {
             return Err("interrupted".into());
         }
         log(&format!("workload {id} ({}) ...", workloads::name_of(id)));
+        let mut extra = Vec::new();
+        if let Some(pg) = &pg {
+            let db = format!("w{id}");
+            pg.create_db(&db)?;
+            extra.push(("postgres_url".to_string(), format!("\"{}\"", pg.url(&db))));
+        }
         let spec = DaemonSpec {
             exe: daemon_exe.clone(),
             dir: work.path.join(format!("w{id}")),
@@ -444,7 +478,7 @@ fn run(args: &Args) -> Result<bool, String> {
             cheap_argon2: !(id == 4 && storm_argon2 == Argon2::Default),
             max_sessions: o.sessions as u64 + 10_000,
             log_filter: args.daemon_log.clone(),
-            extra: Vec::new(),
+            extra,
         };
         let r = run_one(id, args, &spec, &o, salt.wrapping_add(u64::from(id)), t0);
         let mut r = r.unwrap_or_else(|e| WorkloadResult::failed(id, e));
@@ -492,8 +526,23 @@ fn run_one(
     if id == 6 {
         return run_reads(args, spec, o, salt, t0);
     }
+    // Several nodes: the first is measured (its stats, CPU, RSS); the others are stopped after.
+    let mut others = Vec::new();
     let daemon = match args.server {
         Some(_) => None,
+        None if args.nodes > 1 => {
+            let node = |k: usize| {
+                let mut s = spec.clone();
+                s.dir = spec.dir.join(format!("node{k}"));
+                s.extra.push(("node_name".to_string(), format!("\"bench-{k}\"")));
+                s
+            };
+            let first = Daemon::start(&node(1))?;
+            for k in 2..=args.nodes {
+                others.push(Daemon::start(&node(k))?);
+            }
+            Some(first)
+        }
         None => Some(Daemon::start(spec)?),
     };
     let server = match (&daemon, args.server) {
@@ -501,8 +550,10 @@ fn run_one(
         (None, Some(s)) => s,
         (None, None) => unreachable!("one of them"),
     };
+    let servers: Vec<SocketAddr> = std::iter::once(server).chain(others.iter().map(|d| d.addr)).collect();
     let ctx = Ctx {
         server,
+        servers,
         daemon_pid: daemon.as_ref().map(|d| d.pid).or(args.daemon_pid),
         salt,
         opts: o.clone(),
@@ -518,6 +569,9 @@ fn run_one(
         5 => workloads::idle(&ctx, 5),
         _ => unreachable!("checked"),
     };
+    for d in others {
+        d.stop();
+    }
     let stats = daemon.map(|d| {
         let rss = d.rss_kib();
         let drops = daemon::socket_drops(d.addr);
@@ -555,6 +609,7 @@ fn run_reads(
     };
     let ctx_of = |d: &Daemon| Ctx {
         server: d.addr,
+        servers: vec![d.addr],
         daemon_pid: Some(d.pid),
         salt,
         opts: o.clone(),

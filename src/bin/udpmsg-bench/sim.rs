@@ -163,6 +163,11 @@ impl Sim {
         i
     }
 
+    /// Client `i` talks to `server` (one of several daemons on one database).
+    pub fn set_server(&mut self, i: usize, server: SocketAddr, now: Instant) {
+        self.clients[i].core.set_server(now, server);
+    }
+
     pub fn is_ready(&self, i: usize) -> bool {
         self.clients[i].core.is_ready()
     }
@@ -178,8 +183,9 @@ impl Sim {
     fn flush(&mut self, i: usize) {
         let c = &mut self.clients[i];
         let sock = &self.socks[c.sock].sock;
+        let to = c.core.server();
         while let Some(bytes) = c.core.poll_transmit() {
-            match sock.send_to(&bytes, self.server) {
+            match sock.send_to(&bytes, to) {
                 Ok(_) => self.net.datagrams_sent += 1,
                 Err(_) => self.net.send_drops += 1,
             }

@@ -50,6 +50,9 @@ pub struct Opts {
 
 pub struct Ctx {
     pub server: SocketAddr,
+    /// Every daemon when several share one database (`--nodes`): `server` is the first. Posters
+    /// talk to the first, subscribers to the others; workload 2's clients take turns.
+    pub servers: Vec<SocketAddr>,
     pub daemon_pid: Option<u32>,
     pub salt: u64,
     pub opts: Opts,
@@ -212,7 +215,9 @@ pub fn posting(ctx: &Ctx, id: u32, n: usize, target: u64) -> Result<WorkloadResu
     let now = Instant::now();
     let mut clients = Vec::new();
     for _ in 0..n {
-        clients.push(sim.add_owned_client(now).map_err(|e| e.to_string())?);
+        let c = sim.add_owned_client(now).map_err(|e| e.to_string())?;
+        sim.set_server(c, ctx.servers[c % ctx.servers.len()], now);
+        clients.push(c);
     }
     let t = Instant::now();
     let work = clients
@@ -263,8 +268,13 @@ pub fn fanout(ctx: &Ctx, id: u32, with_storm: bool) -> Result<WorkloadResult, St
     for _ in 0..o.posters {
         posters.push(sim.add_owned_client(now).map_err(|e| e.to_string())?);
     }
-    for _ in 0..o.subscribers {
-        subs.push(sim.add_owned_client(now).map_err(|e| e.to_string())?);
+    for k in 0..o.subscribers {
+        let c = sim.add_owned_client(now).map_err(|e| e.to_string())?;
+        if ctx.servers.len() > 1 {
+            // Subscribers on the other nodes than the posters': every push crosses nodes.
+            sim.set_server(c, ctx.servers[1 + k % (ctx.servers.len() - 1)], now);
+        }
+        subs.push(c);
     }
     // Storm clients never receive pushes: they share sockets, 64 clients to a socket.
     let mut pool = Vec::new();
