@@ -43,7 +43,7 @@ mod session;
 mod throttle;
 
 pub use cache::CacheStats;
-pub use nodes::NODE_BITS;
+pub use nodes::{NODE_BITS, TICKS_FROM_US};
 pub use reads::ReadJob;
 
 use crate::config::ServerConfig;

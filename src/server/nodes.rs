@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 /// Low bits of a message id that hold the node number.
 pub const NODE_BITS: u32 = 10;
 /// 2020-01-01T00:00:00Z in microseconds since the Unix epoch: where the clock's ticks start.
-const TICKS_FROM_US: u64 = 1_577_836_800_000_000;
+pub const TICKS_FROM_US: u64 = 1_577_836_800_000_000;
 
 /// Claims (store look-ups of tokens this node does not hold) per address prefix: a burst, and
 /// one more every [`CLAIM_REFILL`]. A client that moves needs one.

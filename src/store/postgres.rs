@@ -557,11 +557,15 @@ impl PgStore {
         if xids.is_empty() || opened.is_empty() {
             return Ok(Vec::new());
         }
+        // Only recent ids can be theirs (ids are microseconds since 2020 by the posting node's
+        // clock, and no transaction runs longer than the statement timeout): the primary key
+        // finds them, however large the table.
+        let floor = recent_id_floor(std::time::SystemTime::now());
         let rows = self.with("read late deliveries", |c| {
             c.query(
                 "SELECT id, author, recipient, text, time, recipients FROM messages \
-                 WHERE xid IN (SELECT x::xid8 FROM unnest($1::text[]) x)",
-                &[&xids],
+                 WHERE id >= $2 AND xid IN (SELECT x::xid8 FROM unnest($1::text[]) x)",
+                &[&xids, &floor],
             )
         })?;
         let mut out = Vec::new();
@@ -896,6 +900,18 @@ fn setup_schema(c: &mut Client) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The smallest id a message posted in the last [`RECENT`] can have (by a node whose clock is
+/// at most that far behind).
+fn recent_id_floor(now: std::time::SystemTime) -> i64 {
+    let us = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+    let ticks = us.saturating_sub(RECENT.as_micros() as u64).saturating_sub(crate::server::TICKS_FROM_US);
+    (ticks << crate::server::NODE_BITS).min(i64::MAX as u64) as i64
+}
+
+/// How far back a commit's messages are looked for after a login (see
+/// [`PgStore::late_deliveries`]): well beyond the statement timeout, and clock skew.
+const RECENT: Duration = Duration::from_secs(120);
+
 fn message_of(r: &postgres::Row) -> Message {
     Message {
         id: r.get::<_, i64>(0) as u64,
@@ -1077,7 +1093,14 @@ fn token_of(bytes: &[u8]) -> Option<Token> {
 }
 
 /// Applies `batch` in `tx` for node `me` (0: an admin command), in order.
-fn apply(tx: &mut Transaction<'_>, batch: &[Write], me: i64, epoch: i64) -> Result<Applied, postgres::Error> {
+/// `marker`: the batch's number, written with it (nodes only).
+fn apply(
+    tx: &mut Transaction<'_>,
+    batch: &[Write],
+    me: i64,
+    epoch: i64,
+    marker: i64,
+) -> Result<Applied, postgres::Error> {
     let mut applied = Applied::default();
     let mut bulk = Bulk::default();
     let mut out = Outgoing::default();
@@ -1253,7 +1276,6 @@ fn apply(tx: &mut Transaction<'_>, batch: &[Write], me: i64, epoch: i64) -> Resu
         }
     }
     // One event row and one notification per target node (and one broadcast) per batch.
-    let origin = (me > 0).then_some(me);
     let mut nodes: Vec<Option<i64>> = Vec::new();
     let mut bodies: Vec<Vec<u8>> = Vec::new();
     let mut channels: Vec<String> = Vec::new();
@@ -1270,12 +1292,24 @@ fn apply(tx: &mut Transaction<'_>, batch: &[Write], me: i64, epoch: i64) -> Resu
         bodies.push(encode_events(&[c]));
         channels.push(BROADCAST_CHANNEL.to_string());
     }
-    if !nodes.is_empty() {
+    // The batch's marker (see `PgStore::commit`), its events and their notifications in one
+    // statement: a round trip costs more than any of them on a busy machine.
+    if me > 0 {
         tx.execute(
-            "INSERT INTO events (node, origin, body) SELECT n, $3, b FROM unnest($1::int8[], $2::bytea[]) AS v(n, b)",
-            &[&nodes, &bodies, &origin],
+            "WITH marker AS (INSERT INTO node_batches (node, epoch, batch) VALUES ($4, $5, $6) \
+                 ON CONFLICT (node) DO UPDATE SET epoch = EXCLUDED.epoch, batch = EXCLUDED.batch), \
+             ev AS (INSERT INTO events (node, origin, body) \
+                 SELECT n, $4, b FROM unnest($1::int8[], $2::bytea[]) AS v(n, b)) \
+             SELECT pg_notify(c, '') FROM unnest($3::text[]) c",
+            &[&nodes, &bodies, &channels, &me, &epoch, &marker],
         )?;
-        tx.execute("SELECT pg_notify(c, '') FROM unnest($1::text[]) c", &[&channels])?;
+    } else if !nodes.is_empty() {
+        tx.execute(
+            "WITH ev AS (INSERT INTO events (node, origin, body) \
+                 SELECT n, NULL::int8, b FROM unnest($1::int8[], $2::bytea[]) AS v(n, b)) \
+             SELECT pg_notify(c, '') FROM unnest($3::text[]) c",
+            &[&nodes, &bodies, &channels],
+        )?;
     }
     Ok(applied)
 }
@@ -1376,14 +1410,7 @@ impl Store for PgStore {
             tries += 1;
             let result = self.with("commit", |c| {
                 let mut tx = c.transaction()?;
-                let applied = apply(&mut tx, batch, me, epoch)?;
-                if me > 0 {
-                    tx.execute(
-                        "INSERT INTO node_batches (node, epoch, batch) VALUES ($1, $2, $3) \
-                         ON CONFLICT (node) DO UPDATE SET epoch = EXCLUDED.epoch, batch = EXCLUDED.batch",
-                        &[&me, &epoch, &marker],
-                    )?;
-                }
+                let applied = apply(&mut tx, batch, me, epoch, marker)?;
                 tx.commit()?;
                 Ok(applied)
             });
@@ -1903,6 +1930,45 @@ mod db_tests {
         assert!(e.0.contains("schema version 99") && e.0.contains("up to version 1"), "{e}");
     }
 
+    /// A post routed while a login on another node commits: the routing statement saw no
+    /// session, the new session's catch-up was read before the post committed. The login's
+    /// commit waits for the post's transaction and hands its message over all the same.
+    #[test]
+    fn a_post_routed_during_a_login_elsewhere_still_reaches_the_new_session() {
+        let Some(pg) = pg_temp::for_test("late") else { return };
+        pg.create_db("late").unwrap();
+        let mut a = node(&pg, "late", "a");
+        let mut b = node(&pg, "late", "b");
+        a.commit(&[create("alice"), create("bob")]).unwrap();
+        let bob = account(&mut a, "bob").unwrap().id;
+        // a's batch, applied and routed (no session of bob anywhere yet), not committed.
+        let mut raw = pg.client("late").unwrap();
+        let mut tx = raw.transaction().unwrap();
+        let id = (recent_id_floor(std::time::SystemTime::now()) as u64 | 1) + (200 << 30);
+        let routed = apply(
+            &mut tx,
+            &[Write::StoreMessage { message: msg(id, "alice"), recipients: vec![bob] }],
+            1,
+            1,
+            99,
+        )
+        .unwrap();
+        assert!(routed.outcome.remote.is_empty());
+        // bob logs in on b meanwhile; b's commit waits for a's transaction to end.
+        let login = std::thread::spawn(move || {
+            b.commit(&[Write::OpenSession { token: Token([5; 16]), user: "bob".into() }]).unwrap();
+            b.commit_outcome()
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        tx.commit().unwrap();
+        let outcome = login.join().unwrap();
+        assert_eq!(
+            outcome.remote,
+            vec![Remote::Messages(vec![(msg(id, "alice"), vec![("bob".to_string(), bob)])])],
+            "the message routed past the new session is handed to it"
+        );
+    }
+
     #[test]
     fn nodes_race_move_sessions_and_hear_each_other() {
         let Some(pg) = pg_temp::for_test("nodes") else { return };
@@ -1993,5 +2059,65 @@ mod db_tests {
         let nodes = admin.nodes().unwrap();
         assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
         assert!(nodes.iter().all(|n| n.heartbeat_age_secs < 30.0 && !n.stopped), "{nodes:?}");
+    }
+}
+
+/// How long a message committed on one node takes to reach another node's listener (commit,
+/// NOTIFY, cursor read), measured on a throwaway PostgreSQL:
+/// `cargo test --release --lib notify_latency -- --ignored --nocapture`.
+#[cfg(test)]
+mod latency {
+    use super::pg_temp;
+    use super::*;
+
+    #[test]
+    #[ignore = "a measurement, not a check: run it by name"]
+    fn notify_latency() {
+        let Some(pg) = pg_temp::for_test("latency") else { return };
+        pg.create_db("lat").unwrap();
+        let open = |name: &str| {
+            let mut s = PgStore::open_node(pg.config("lat"), name, "x", 1000, 300).unwrap();
+            s.begin_epoch().unwrap();
+            s
+        };
+        let (mut a, mut b) = (open("a"), open("b"));
+        a.commit(&[Write::CreateAccount { user: "u".into(), password_hash: "h".into() }]).unwrap();
+        let id = match a.read(&Read::Account { name: "u".into() }).unwrap() {
+            ReadResult::Account(Some(acc)) => acc.id,
+            other => panic!("{other:?}"),
+        };
+        b.commit(&[Write::OpenSession { token: Token([1; 16]), user: "u".into() }]).unwrap();
+        let mut l = Listener::start(b.config(), b.node_id()).unwrap();
+        let mut samples = Vec::new();
+        for n in 1..=500u64 {
+            let message =
+                Message { id: n << 10 | 1, time: 0, author: "u".into(), to: None, text: "x".into() };
+            let t = Instant::now();
+            a.commit(&[Write::StoreMessage { message, recipients: vec![id] }]).unwrap();
+            let committed = t.elapsed();
+            loop {
+                let got = l.poll(Duration::from_secs(2), 1).unwrap();
+                if got.iter().any(|e| matches!(e, Remote::Messages(_))) {
+                    break;
+                }
+            }
+            samples.push((committed, t.elapsed()));
+        }
+        let pct = |v: &mut Vec<Duration>, p: f64| {
+            v.sort();
+            v[((v.len() - 1) as f64 * p) as usize]
+        };
+        let mut commit: Vec<Duration> = samples.iter().map(|s| s.0).collect();
+        let mut total: Vec<Duration> = samples.iter().map(|s| s.1).collect();
+        println!(
+            "commit p50 {:?} p99 {:?}; commit to the other node's listener p50 {:?} p99 {:?} max {:?} ({} notifications, {} reads)",
+            pct(&mut commit, 0.5),
+            pct(&mut commit, 0.99),
+            pct(&mut total, 0.5),
+            pct(&mut total, 0.99),
+            pct(&mut total, 1.0),
+            l.notifications,
+            l.reads
+        );
     }
 }
