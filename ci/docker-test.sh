@@ -273,6 +273,9 @@ fi
 log "hadolint Dockerfile contrib/postgres/Dockerfile ($("$HADOLINT" --version))"
 "$HADOLINT" Dockerfile contrib/postgres/Dockerfile || die "hadolint reported problems"
 
+# The compose file's secret (the multi-node profile's database password) must name a file even
+# for the single-daemon service; step 5b gives it a real one.
+export UDPMSG_POSTGRES_PASSWORD_FILE=/dev/null
 if command -v docker-compose >/dev/null 2>&1; then
     COMPOSE=(docker-compose)
 elif docker compose version >/dev/null 2>&1; then
