@@ -15,7 +15,8 @@
 //! - [`command`]: the REPL syntax `command#arg&arg`, parsed into requests.
 //! - [`rtt`]: RFC 6298 retransmission timeouts shared by both sides.
 //! - [`password`]: argon2id hashing as jobs run off the event loop.
-//! - [`store`]: the storage trait, its batch of writes, and the in-memory implementation.
+//! - [`store`]: the storage trait, its batch of writes, and its implementations: SQLite,
+//!   PostgreSQL (several daemons on one database) and in memory.
 //! - [`config`]: `server.toml` / `client.toml`, defaults and validation.
 //! - [`netem`]: a seeded model of a lossy, duplicating, reordering, delaying network path,
 //!   shared by the simulated-network tests and the `udpmsg-proxy` binary.
