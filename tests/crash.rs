@@ -13,6 +13,8 @@
 //! - the subscriber was never shown a message twice, and only stored messages.
 //!
 //! The kill schedule comes from a seed, printed at the start; `CRASH_SEED=N` replays it.
+//! `UDPMSG_TEST_STORAGE=postgres` runs the same on a throwaway PostgreSQL (the daemon comes back
+//! under the same node name, so its sessions do).
 
 mod common;
 
@@ -204,7 +206,8 @@ fn nothing_acknowledged_is_lost_when_the_daemon_is_killed() {
 
     let dir = TempDir::new("crash");
     let config = dir.path().join("server.toml");
-    std::fs::write(&config, format!("{FAST_CONFIG}{DAEMON_EXTRA}")).unwrap();
+    let storage = common::TestStorage::from_env("crash");
+    std::fs::write(&config, format!("{FAST_CONFIG}{DAEMON_EXTRA}{}", storage.config)).unwrap();
     let client_cfg = dir.path().join("client.toml");
     std::fs::write(&client_cfg, CLIENT_CONFIG).unwrap();
     let client_cfg = client_cfg.to_string_lossy().into_owned();
@@ -534,7 +537,8 @@ fn encode(id: u64, token: Option<Token>, body: RequestBody) -> Vec<u8> {
 fn a_request_retransmitted_across_a_restart_is_not_executed_again() {
     let dir = TempDir::new("crash-replay");
     let config = dir.path().join("server.toml");
-    std::fs::write(&config, FAST_CONFIG).unwrap();
+    let storage = common::TestStorage::from_env("replay");
+    std::fs::write(&config, format!("{FAST_CONFIG}{}", storage.config)).unwrap();
     let data = dir.path().join("data");
     let (mut daemon, addr) = start_daemon(&config, "127.0.0.1:0", &data);
     let out = run_client(addr, &["--json"], "register#alice&password\nregister#bob&password\n");

@@ -38,6 +38,34 @@ pub fn daemon_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
     cmd
 }
 
+/// The storage the crash and fault suites run their daemons on: SQLite (the default) or, with
+/// `UDPMSG_TEST_STORAGE=postgres`, a throwaway PostgreSQL of their own (see [`pg_temp`]). Keep
+/// the value alive while the daemons run; `config` goes into their server.toml.
+pub struct TestStorage {
+    pub config: String,
+    pub pg: Option<pg_temp::TempPg>,
+}
+
+impl TestStorage {
+    pub fn from_env(tag: &str) -> TestStorage {
+        match std::env::var("UDPMSG_TEST_STORAGE").as_deref() {
+            Ok("postgres") => {
+                let pg = pg_temp::TempPg::start(tag, false)
+                    .unwrap_or_else(|e| panic!("UDPMSG_TEST_STORAGE=postgres, but: {e}"));
+                pg.create_db("udpmsg").unwrap();
+                let config = format!(
+                    "storage = \"postgres\"\npostgres_url = \"{}\"\nnode_name = \"{tag}\"\n",
+                    pg.url("udpmsg")
+                );
+                println!("storage: PostgreSQL ({})", pg.dir.display());
+                TestStorage { config, pg: Some(pg) }
+            }
+            Ok("sqlite") | Err(_) => TestStorage { config: String::new(), pg: None },
+            Ok(other) => panic!("UDPMSG_TEST_STORAGE={other}: sqlite or postgres"),
+        }
+    }
+}
+
 /// A fresh temporary directory (removed on drop).
 pub struct TempDir(pub PathBuf);
 
