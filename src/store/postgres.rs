@@ -75,6 +75,11 @@ const STATEMENT_TIMEOUT_MS: u64 = 10_000;
 /// Reconnection backoff: first wait and cap.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long a starting daemon asks for its name's lock before refusing (see
+/// `PgStore::lock_name`).
+const NAME_LOCK_WAIT: Duration = Duration::from_secs(5);
+/// A name lock's holder whose node sent no heartbeat for this long is taken for dead.
+const STALE_SECS: u64 = 3 * LIVE_SECS;
 /// Longest wait for transactions that were running when a session moved or opened here.
 const CONCURRENT_WAIT: Duration = Duration::from_secs(2);
 /// Events older than this are deleted (a node that was away longer starts from a new cursor).
@@ -469,6 +474,46 @@ impl PgStore {
                 self.conn.check();
                 Err(pg(what, e))
             }
+        }
+    }
+
+    /// Takes the lock on this node's name, held by its connection while it lives. A daemon that
+    /// was just killed may still hold it for a moment (until PostgreSQL sees its connection
+    /// close), and one whose host died for as long as TCP takes to notice: so the lock is asked
+    /// for again for up to [`NAME_LOCK_WAIT`], and a holder whose node has sent no heartbeat for
+    /// [`STALE_SECS`] is ended. A live holder means two daemons share a name: refused.
+    fn lock_name(&mut self, name: &str) -> Result<(), StoreError> {
+        let end = Instant::now() + NAME_LOCK_WAIT;
+        loop {
+            let got = self.with("lock the node name", |c| {
+                c.query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LOCK_NODE_CLASS, &name])
+                    .map(|r| r.get::<_, bool>(0))
+            })?;
+            if got {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(StoreError(format!(
+                    "another udpmsgd named {name:?} is running on this database (node_name); give each \
+                     daemon its own name"
+                )));
+            }
+            let stale = STALE_SECS as f64;
+            let ended: i64 = self.with("end a dead node's connection", |c| {
+                c.query_one(
+                    "SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l \
+                     WHERE l.locktype = 'advisory' AND l.granted AND l.classid::int8 = $1::int8 \
+                       AND l.objid::int8 = (hashtext($2)::int8 & 4294967295) AND l.objsubid = 2 \
+                       AND EXISTS (SELECT 1 FROM nodes n WHERE n.name = $2 \
+                           AND n.heartbeat < now() - make_interval(secs => $3))",
+                    &[&i64::from(LOCK_NODE_CLASS), &name, &stale],
+                )
+                .map(|r| r.get(0))
+            })?;
+            if ended > 0 {
+                log::warn!("ended the database connection of node {name:?}: no heartbeat for {STALE_SECS} s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -1319,16 +1364,7 @@ impl Store for PgStore {
         let Role::Node { name, listen, .. } = self.role.clone() else {
             return Err(StoreError("an admin connection does not start a daemon".into()));
         };
-        let got = self.with("lock the node name", |c| {
-            c.query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LOCK_NODE_CLASS, &name])
-                .map(|r| r.get::<_, bool>(0))
-        })?;
-        if !got {
-            return Err(StoreError(format!(
-                "another udpmsgd named {name:?} is running on this database (node_name); give each daemon \
-                 its own name"
-            )));
-        }
+        self.lock_name(&name)?;
         let pid = i64::from(std::process::id());
         let (id, epoch) = self.with("register the node", |c| {
             let r = c.query_one(
@@ -1978,6 +2014,24 @@ mod db_tests {
         assert_eq!((a.node_id(), b.node_id()), (1, 2));
         let e = PgStore::open_node(pg.config("many"), "a", "x", 100, 300).and_then(|mut s| s.begin_epoch());
         assert!(e.err().unwrap().0.contains("another udpmsgd named \"a\""), "one daemon per name");
+        // A holder of a name whose heartbeats stopped long ago (its host died; PostgreSQL has
+        // not noticed its connection is gone) is ended, and the name taken over.
+        let mut ghost = node(&pg, "many", "ghost");
+        ghost
+            .with("t", |c| {
+                c.execute(
+                    "UPDATE nodes SET heartbeat = now() - interval '1 minute' WHERE name = 'ghost'",
+                    &[],
+                )
+            })
+            .unwrap();
+        let mut heir = PgStore::open_node(pg.config("many"), "ghost", "x", 100, 300).unwrap();
+        heir.begin_epoch().unwrap();
+        assert_eq!(heir.node_id(), ghost.node_id());
+        assert!(
+            ghost.commit(&[create("zed")]).is_err(),
+            "the ghost's connection was ended and its name is gone"
+        );
         let mut la = Listener::start(a.config(), a.node_id()).unwrap();
         let mut lb = Listener::start(b.config(), b.node_id()).unwrap();
 
@@ -2057,7 +2111,7 @@ mod db_tests {
         let got = wait_events(&mut la, |e| e.iter().any(|e| matches!(e, Remote::Ended(_))));
         assert_eq!(tokens(&got), [t.0].into_iter().collect());
         let nodes = admin.nodes().unwrap();
-        assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
+        assert_eq!(nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), vec!["a", "b", "ghost"]);
         assert!(nodes.iter().all(|n| n.heartbeat_age_secs < 30.0 && !n.stopped), "{nodes:?}");
     }
 }
