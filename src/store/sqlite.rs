@@ -52,6 +52,9 @@ use std::time::{Duration, Instant};
 ///    them, and `meta` counts the accounts.
 pub const SCHEMA_VERSION: i64 = 5;
 
+/// How long a daemon waits for the data directory's lock before saying another one holds it.
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
 pub const DB_FILE: &str = "udpmsg.db";
 pub const LOCK_FILE: &str = "udpmsgd.lock";
 
@@ -209,7 +212,17 @@ impl SqliteStore {
         private_dir(dir).map_err(|e| err(dir, "cannot create the data directory", e))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = private_file(&lock_path).map_err(|e| err(dir, "the data directory is not writable", e))?;
-        let lock = match lock.try_lock() {
+        // The holder may be on its way out (a restart overlapping the old daemon's exit), or a
+        // program another thread of this process is starting may hold a copy of the lock's
+        // descriptor until it execs: a daemon waits a moment before calling the directory taken.
+        let patience = if access == Access::Daemon { LOCK_PATIENCE } else { Duration::ZERO };
+        let give_up = Instant::now() + patience;
+        let mut attempt = lock.try_lock();
+        while matches!(attempt, Err(std::fs::TryLockError::WouldBlock)) && Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(20));
+            attempt = lock.try_lock();
+        }
+        let lock = match attempt {
             Ok(()) => Some(lock),
             Err(std::fs::TryLockError::WouldBlock) if access == Access::Admin => None,
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -1514,9 +1527,17 @@ mod tests {
     #[test]
     fn one_daemon_per_directory() {
         let dir = Dir::new("lock");
-        let _first = SqliteStore::open(&dir.0, 10).unwrap();
+        let first = SqliteStore::open(&dir.0, 10).unwrap();
+        let t = Instant::now();
         let err = SqliteStore::open(&dir.0, 10).err().unwrap();
         assert!(err.0.contains("another udpmsgd"), "{err}");
+        assert!(t.elapsed() >= LOCK_PATIENCE, "it waited for the holder to go first");
+        // A holder that goes within that time is waited for.
+        let dir2 = dir.0.clone();
+        let second = std::thread::spawn(move || SqliteStore::open(&dir2, 10).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(300));
+        drop(first);
+        second.join().unwrap().expect("opened once the first one closed");
     }
 
     #[test]
