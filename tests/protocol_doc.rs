@@ -370,6 +370,12 @@ fn decoding_rules_stated_in_the_document() {
     let n = bad.len();
     bad[n - 1] = 0xff;
     assert_eq!(decode_client(&bad), Err(DecodeError::Body));
+    // Varints that overflow their type: a u32 of more than 32 bits, a u64 of more than 64.
+    assert!(postcard::from_bytes::<u32>(&[0xff, 0xff, 0xff, 0xff, 0x1f]).is_err());
+    assert!(postcard::from_bytes::<u32>(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x01]).is_err());
+    assert!(
+        postcard::from_bytes::<u64>(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x03]).is_err()
+    );
     // An unknown variant index.
     let mut bad = ping.clone();
     bad[3] = 4;
