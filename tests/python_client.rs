@@ -105,7 +105,7 @@ fn python_client_selftest_against_the_daemon() {
             "alice got the burst in order",
             "alice got a push: [bob -> alice] psst",
             "error: text contains the control character U+0007 (InvalidText)",
-            "alice moved to a new port, answered 1 path challenge, got: [bob] after the move",
+            "alice moved to a new port, answered its path challenge, got: [bob] after the move",
             "alice retrieved: [bob -> alice] psst | [bob] after the move",
             "logged out alice",
             "error: not logged in (NotLoggedIn)",
@@ -233,4 +233,102 @@ fn python_client_agrees_with_the_test_vectors() {
         assert!(stdout.lines().any(|l| l == format!("checked {name}")), "{name} not checked: {stdout}");
     }
     assert!(stdout.trim_end().ends_with("vectors checked"), "{stdout}");
+}
+
+/// Sections 11 and 12 in practice: the daemon is killed and started again on its port and data.
+/// The session survives without an address and numbers its pushes in a new epoch: the Python
+/// client's keepalive is challenged, it echoes the challenge, follows the epoch its ping's answer
+/// names, and gets the next push (and not again one it showed before the kill).
+#[test]
+fn python_client_follows_a_daemon_restart() {
+    let Some(python) = python() else { return };
+    let dir = TempDir::new("py-restart");
+    let config = dir.path().join("server.toml");
+    std::fs::write(&config, FAST_CONFIG).unwrap();
+    let data = dir.path().join("data");
+    let mut daemon = DaemonProcess::spawn(&config, "127.0.0.1:0", &data);
+    let addr = daemon.wait_listening(WAIT).expect("udpmsgd started");
+    for user in ["erin", "finn"] {
+        let out = run_client(addr, &[&format!("register#{user}&secret")], "");
+        assert_eq!(out.code, Some(0), "{out:#?}");
+    }
+    let mut erin = Py::start(
+        python,
+        addr,
+        &[
+            "--ping-interval",
+            "0.5",
+            "run",
+            "login",
+            "erin",
+            "secret",
+            "subscribe",
+            "finn",
+            "wait",
+            "2",
+            "60",
+            "stats",
+            "logout",
+        ],
+    );
+    erin.wait_line("waiting for 2 push(es)");
+    let out = run_client(addr, &["login#finn&secret", "post#before"], "");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    erin.wait_line("[finn] before");
+
+    daemon.kill();
+    let listen = addr.to_string();
+    let mut daemon = None;
+    for _ in 0..50 {
+        let mut d = DaemonProcess::spawn(&config, &listen, &data);
+        if d.wait_listening(WAIT).is_some() {
+            daemon = Some(d);
+            break;
+        }
+        // The port may not be free yet.
+        d.kill();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _daemon = daemon.expect("udpmsgd started again on its port");
+    let out = run_client(addr, &["login#finn&secret", "post#after"], "");
+    assert_eq!(out.code, Some(0), "{out:#?}");
+    let (code, stdout, stderr) = erin.finish();
+    assert_eq!(code, Some(0), "stdout {stdout:#?}\nstderr {stderr:#?}");
+    assert_eq!(
+        stdout,
+        vec![
+            "logged in as erin",
+            "subscribed to finn",
+            "waiting for 2 push(es)",
+            "[finn] before",
+            "[finn] after",
+            // The restarted daemon's epoch, followed; its challenge to the session's (lost)
+            // address, answered (more than once, should a retransmission have crossed it).
+            "epoch 2, path challenges answered: yes",
+            "logged out erin"
+        ]
+    );
+}
+
+/// Section 8: a daemon of another version answers with a notice that echoes the request; the
+/// Python client gives up at once and says which version it met.
+#[test]
+fn python_client_reports_a_daemon_of_another_version() {
+    let Some(python) = python() else { return };
+    let fake = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = fake.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        fake.set_read_timeout(Some(WAIT)).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) = fake.recv_from(&mut buf).expect("a datagram");
+        let mut notice = udpmsg::proto::version_notice(&buf[..n]);
+        notice[2] = 7;
+        fake.send_to(&notice, from).unwrap();
+    });
+    let mut py = Py::start(python, addr, &["run", "whoami"]);
+    let (code, stdout, stderr) = py.finish();
+    server.join().unwrap();
+    assert_eq!(code, Some(1), "{stdout:#?} {stderr:#?}");
+    assert!(stdout.is_empty(), "{stdout:#?}");
+    assert_eq!(stderr, vec!["error: server speaks protocol v7 (VersionMismatch)"]);
 }

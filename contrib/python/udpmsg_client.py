@@ -18,6 +18,7 @@ Commands of `run`, executed in order (each prints one line, as the Rust client d
     register USER PASSWORD   login USER PASSWORD   logout
     subscribe USER           unsubscribe USER      post TEXT
     send USER TEXT           retrieve COUNT        whoami        ping
+    stats                    (the push epoch and the path challenges answered so far)
     wait N SECONDS           (print pushes until N have arrived; fail after SECONDS)
 
 Errors go to stderr as `error: MESSAGE (Code)`; the exit status is 1 if a command failed.
@@ -648,14 +649,14 @@ class Client:
 # ---------------------------------------------------------------- the command line
 
 
-def run(server, words):
+def run(server, words, ping_interval=30.0):
     pushes = []
 
     def on_push(m):
         pushes.append(m)
         print(m.show(), flush=True)
 
-    c = Client(server, on_push=on_push)
+    c = Client(server, ping_interval=ping_interval, on_push=on_push)
     failed = False
     i = 0
 
@@ -708,6 +709,8 @@ def run(server, words):
             elif cmd == "ping":
                 c.ping()
                 print("pong")
+            elif cmd == "stats":
+                print("epoch %d, path challenges answered: %s" % (c.epoch, "yes" if c.challenges else "no"))
             elif cmd == "wait":
                 n, seconds = take(2)
                 want = len(pushes) + int(n)
@@ -777,8 +780,8 @@ def selftest(server):
     a.ping()
     b.request("Post", text="after the move")
     assert a.wait(10, lambda: len(seen_a) >= 6), "no push after the move"
-    assert a.challenges == 1, a.challenges
-    say("alice moved to a new port, answered 1 path challenge, got: " + seen_a[5].show())
+    assert a.challenges >= 1, a.challenges  # more if a retransmission crossed the first
+    say("alice moved to a new port, answered its path challenge, got: " + seen_a[5].show())
     got = a.retrieve(2)
     say("alice retrieved: " + " | ".join(m.show() for m in got))
     assert [m.text for m in got] == ["psst", "after the move"]
@@ -942,6 +945,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--server", help="HOST:PORT of udpmsgd (run, selftest)")
     p.add_argument("--protocol-md", help="PROTOCOL.md (check-vectors)")
+    p.add_argument("--ping-interval", type=float, default=30.0, help="keepalive after this many seconds")
     p.add_argument("mode", choices=["run", "selftest", "check-vectors"])
     p.add_argument("words", nargs="*")
     args = p.parse_args()
@@ -951,7 +955,7 @@ def main():
         p.error("--server is required")
     if args.mode == "selftest":
         return selftest(args.server)
-    return run(args.server, args.words)
+    return run(args.server, args.words, args.ping_interval)
 
 
 if __name__ == "__main__":
