@@ -140,8 +140,11 @@ impl Server {
         }
         let n = self.nodes.as_mut().expect("checked");
         if n.claims.take(now, &Prefix::of(reply.to.ip())).is_err() {
+            // Not "not logged in": the session may well be real (every client behind one NAT
+            // moves at once when a node dies), and a client forgets a token it is told is
+            // unknown. "Busy" keeps it, and its next request asks again.
             self.stats.claims_throttled += 1;
-            return Step::Answer(Err(ErrorCode::NotLoggedIn));
+            return Step::Answer(Err(ErrorCode::Busy));
         }
         self.next_sweep.get_or_insert(now + super::SWEEP);
         Step::Need(vec![read])

@@ -277,6 +277,8 @@ fn a_token_nobody_holds_is_looked_up_once_and_lookups_are_throttled() {
     let claims = h.server.stats().reads_by_kind["claim"];
     assert_eq!(claims, u64::from(super::super::nodes::CLAIM_BURST));
     assert_eq!(h.server.stats().claims_throttled, 11);
+    // Over the allowance the answer is "busy": the holder of a real token keeps it and asks again.
+    assert_eq!(h.req(a(6), Some(Token([0x43; 16])), RequestBody::Ping), Err(ErrorCode::Busy));
     // The answer to a stranger is never larger than the request.
     let (_, bytes) = h.encode(Some(Token([7; 16])), RequestBody::Ping);
     for t in h.raw(a(7), &bytes) {
