@@ -431,9 +431,14 @@ impl Server {
         }
     }
 
+    /// Drops the cache entry of a request answered with an error that says "try again" (the
+    /// retransmission must run again). A refusal that cost a password hash stays: a lost
+    /// "wrong password" retransmitted is answered, not hashed and counted a second time.
     pub(super) fn forget_error(&mut self, reply: ReplyTo, result: &Result<Response, ErrorCode>) {
-        if let (Slot::Global(key), Err(_)) = (reply.slot, result) {
-            self.replies.remove(&key);
+        if let (Slot::Global(key), Err(e)) = (reply.slot, result) {
+            if retry_runs_again(e) {
+                self.replies.remove(&key);
+            }
         }
     }
 
@@ -718,4 +723,10 @@ const READS_UNDER_LOAD: usize = 256;
 /// "Too many attempts, retry in N s", N rounded up.
 fn rate_limited(wait: Duration) -> ErrorCode {
     ErrorCode::RateLimited { retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u32 }
+}
+
+/// Errors that tell the client to try again: its retransmission of the same request is run
+/// again rather than answered from the reply cache.
+pub(super) fn retry_runs_again(e: &ErrorCode) -> bool {
+    matches!(e, ErrorCode::Busy | ErrorCode::StorageUnavailable | ErrorCode::RateLimited { .. })
 }

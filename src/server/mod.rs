@@ -1129,6 +1129,7 @@ impl Server {
         rerun: Option<Box<Rerun>>,
     ) {
         let is_err = result.is_err();
+        let retry = result.as_ref().is_err_and(commands::retry_runs_again);
         if let Err(e) = &result {
             self.stats.errors += 1;
             *self.stats.errors_by_code.entry(e.code()).or_insert(0) += 1;
@@ -1166,8 +1167,12 @@ impl Server {
                     s.dedup.remember(r.id, bytes.clone(), batch);
                 }
             }
-            // Errors are cheap to compute again: they do not occupy the bounded cache.
-            Slot::Global(key) if is_err => self.replies.remove(&key),
+            // "Try again" is computed again. Another refusal is kept only for a request that
+            // earned an entry (its password job was submitted: a lost "wrong password" must
+            // not be hashed and counted again); a stranger's refusal leaves nothing behind.
+            Slot::Global(key) if retry || (is_err && self.replies.get(&key).is_none()) => {
+                self.replies.remove(&key)
+            }
             Slot::Global(key) => self.replies.insert(now, key, Entry::Done(bytes.clone(), batch)),
             Slot::None => {}
         }

@@ -798,6 +798,31 @@ fn failed_logins_are_throttled_per_account_and_address_without_hashing() {
     assert_eq!(h.server.stats().logins_throttled, 1);
 }
 
+/// A lost "wrong password" is answered again from the reply cache: no second hash, no second
+/// failure counted against the owner's limits.
+#[test]
+fn a_retransmitted_failed_login_is_answered_not_hashed_again() {
+    let mut h = H::new();
+    h.register("alice", "password").unwrap();
+    let cookie = Some(h.cookie(a(1)));
+    let body = RequestBody::Login { user: "alice".into(), password: "wrong".into(), cookie, pad: vec![] };
+    let (id, bytes) = h.encode(None, body);
+    let refused = |out: &[Transmit]| {
+        out.iter().any(|t| {
+            matches!(proto::decode_server(&t.bytes),
+                Ok(ServerMsg::Reply { id: rid, result: Err(ErrorCode::BadCredentials) }) if rid == id)
+        })
+    };
+    assert!(refused(&h.raw(a(1), &bytes)));
+    let failures = h.server.stats().errors;
+    // The answer was lost; the client sends the same datagram again.
+    h.server.handle(h.now, a(1), &bytes);
+    assert!(h.server.poll_password_job().is_none(), "no second hash");
+    h.turn();
+    assert!(refused(&h.drain()), "the same answer");
+    assert_eq!(h.server.stats().errors, failures, "not counted again");
+}
+
 /// Per address (whatever the port), guessing many names is limited too; unknown names count
 /// exactly as known ones.
 #[test]
