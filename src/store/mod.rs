@@ -285,6 +285,12 @@ pub trait Store {
     fn maintain(&mut self, _budget: std::time::Duration) -> Result<bool, StoreError> {
         Ok(false)
     }
+    /// Work a successful [`Store::commit`] left for after its result is reported (writing an
+    /// index that is not needed for the batch to be durable), so that it does not delay the
+    /// answers waiting on the commit. Called once per commit, before the next job.
+    fn after_commit(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Writes what the store keeps in memory only for speed (at a clean stop).
     fn flush(&mut self) -> Result<(), StoreError> {
         Ok(())

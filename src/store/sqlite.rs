@@ -18,8 +18,10 @@
 //! delivered to one account. Writing one index row per recipient per post would dirty one page
 //! per recipient per commit (a post to 100 followers, 100 pages); instead the store gathers the
 //! ids delivered to each account in memory and writes them as one chunk once there are
-//! [`CHUNK`] of them or the oldest has waited [`FLUSH_AFTER`], in the same transaction as
-//! whatever batch is committing then. Reads merge the chunks with what is still gathered. The
+//! [`CHUNK`] of them or the oldest has waited [`FLUSH_AFTER`]: in a transaction of their own
+//! right after the batch that filled them, once its result is reported ([`Store::after_commit`],
+//! at `synchronous=NORMAL`: the index reaches the disk with the next batch's sync), a few inboxes
+//! at a time ([`FULL_PER_COMMIT`]). Reads merge the chunks with what is still gathered. The
 //! highest message id all of whose deliveries are in chunks is kept in `meta` (`indexed`);
 //! after a crash, the deliveries of the messages above it are gathered again from their rows at
 //! start (about a second's worth of messages).
@@ -172,6 +174,11 @@ pub struct SqliteStore {
     max_message_id: u64,
     /// The highest message id all of whose deliveries are in chunks.
     indexed: u64,
+    /// Accounts whose chunks the last commit left for [`Store::after_commit`].
+    to_flush: Vec<u64>,
+    /// Whether the connection is at `synchronous=FULL`, as every batch must be
+    /// ([`Store::after_commit`] lowers it for the index only).
+    sync_full: bool,
     gc: Gc,
 }
 
@@ -252,6 +259,8 @@ impl SqliteStore {
             gather_order: VecDeque::new(),
             max_message_id: 0,
             indexed: 0,
+            to_flush: Vec::new(),
+            sync_full: true,
             gc: Gc::default(),
         };
         store.setup()?;
@@ -602,6 +611,12 @@ impl SqliteStore {
             }
         }
         due
+    }
+
+    fn set_synchronous(&self, level: &str) -> Result<(), StoreError> {
+        self.conn
+            .pragma_update(None, "synchronous", level)
+            .map_err(|e| err(&self.path, "cannot set synchronous", e))
     }
 
     /// Writes the chunks of `accounts` in a transaction of its own.
@@ -1233,6 +1248,11 @@ impl Store for SqliteStore {
     }
 
     fn commit(&mut self, batch: &[Write]) -> Result<(), StoreError> {
+        if !self.sync_full {
+            // `after_commit` could not put it back: no batch is committed without it.
+            self.set_synchronous("FULL")?;
+            self.sync_full = true;
+        }
         let path = self.path.clone();
         let now = Instant::now();
         let tx =
@@ -1265,8 +1285,10 @@ impl Store for SqliteStore {
             if !deleted.is_empty() {
                 pending.retain_accounts(|a| !deleted.contains(&a));
             }
-            self.write_gathered(&tx, &flush, &pending)?;
-            let mark = self.watermark(&flush, &pending, max_id);
+            // The chunks are written after the commit is reported (`after_commit`): the batch
+            // is durable without them (its messages list their recipients, and whatever is
+            // above the `indexed` mark is gathered again from them at start).
+            let mark = self.watermark(&[], &pending, max_id);
             if mark != self.indexed {
                 set_meta(&tx, "indexed", mark)?;
             }
@@ -1278,9 +1300,15 @@ impl Store for SqliteStore {
                 for a in &deleted {
                     self.gathered.remove(a);
                 }
-                self.gathered_written(&flush, &pending, now);
+                self.gathered_written(&[], &pending, now);
                 self.max_message_id = max_id;
                 self.indexed = mark;
+                self.to_flush.retain(|a| !deleted.contains(a));
+                for a in flush {
+                    if !self.to_flush.contains(&a) {
+                        self.to_flush.push(a);
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
@@ -1305,6 +1333,22 @@ impl Store for SqliteStore {
             }
         }
         Ok(true)
+    }
+
+    /// The chunks the last commit filled, in a transaction of their own that does not wait for
+    /// the disk: its pages reach the disk with the next commit's (the WAL is written in order),
+    /// and a crash before that loses only index rows, gathered again from the messages at start.
+    fn after_commit(&mut self) -> Result<(), StoreError> {
+        let accounts = std::mem::take(&mut self.to_flush);
+        if accounts.is_empty() {
+            return Ok(());
+        }
+        self.sync_full = false;
+        self.set_synchronous("NORMAL")?;
+        let result = self.flush_accounts(accounts);
+        self.set_synchronous("FULL")?;
+        self.sync_full = true;
+        result
     }
 
     fn flush(&mut self) -> Result<(), StoreError> {
@@ -1435,6 +1479,8 @@ mod tests {
                 })
                 .collect();
             s.commit(&batch).unwrap();
+            // Chunks are written once the commit is reported, before the next one.
+            s.after_commit().unwrap();
         }
         let rows = column(&s.conn, "SELECT COUNT(*) FROM inbox");
         assert!(rows[0] >= 2 * 3, "chunks written as they filled: {rows:?}");
@@ -1472,6 +1518,7 @@ mod tests {
         let mut post = |s: &mut SqliteStore| {
             id += 1;
             s.commit(&[Write::StoreMessage { message: msg(id, "author"), recipients: ids.clone() }]).unwrap();
+            s.after_commit().unwrap();
         };
         for _ in 0..CHUNK {
             post(&mut s);
@@ -1479,7 +1526,7 @@ mod tests {
         assert_eq!(
             chunks(&s),
             FULL_PER_COMMIT,
-            "only a few inboxes written in the commit that filled them all"
+            "only a few inboxes written after the commit that filled them all"
         );
         let mut written = vec![chunks(&s)];
         for _ in 0..3 {
@@ -1496,6 +1543,29 @@ mod tests {
             post(&mut s);
             assert!(s.gathered.values().all(|g| g.len() <= 2 * CHUNK));
         }
+    }
+
+    /// The index a commit leaves for `after_commit` is not what makes it durable: a daemon
+    /// killed before writing it gathers the deliveries again from the messages.
+    #[test]
+    fn chunks_not_yet_written_are_gathered_again_after_a_crash() {
+        let dir = Dir::new("after-commit");
+        let mut s = SqliteStore::open(&dir.0, 1000).unwrap();
+        s.commit(&[create("alice")]).unwrap();
+        let alice = account(&mut s, "alice").unwrap().id;
+        for id in 1..=2 * CHUNK as u64 {
+            s.commit(&[Write::StoreMessage { message: msg(id, "carol"), recipients: vec![alice] }]).unwrap();
+        }
+        assert_eq!(column(&s.conn, "SELECT COUNT(*) FROM inbox"), [0], "no chunk written by a commit");
+        drop(s); // killed before any after_commit
+        let mut s = SqliteStore::open(&dir.0, 1000).unwrap();
+        s.begin_epoch().unwrap();
+        assert_eq!(inbox(&mut s, "alice"), (1..=2 * CHUNK as u64).collect::<Vec<_>>());
+        s.commit(&[Write::StoreMessage { message: msg(200, "carol"), recipients: vec![alice] }]).unwrap();
+        s.after_commit().unwrap();
+        s.flush().unwrap();
+        assert_eq!(inbox(&mut s, "alice").len(), 2 * CHUNK + 1);
+        assert!(column(&s.conn, "SELECT COUNT(*) FROM inbox")[0] >= 2);
     }
 
     #[test]
@@ -1811,6 +1881,7 @@ mod tests {
                 })
                 .collect();
             s.commit(&batch).unwrap();
+            s.after_commit().unwrap();
             for n in &names {
                 s.read(&Read::Followers { name: n.clone() }).unwrap();
             }

@@ -119,6 +119,7 @@ impl StoreThread {
                     },
                 };
                 last_job = Instant::now();
+                let committed = matches!(job, Job::Commit(..));
                 let done = match job {
                     Job::Commit(n, writes) => {
                         upkeep = true;
@@ -143,10 +144,17 @@ impl StoreThread {
                     }),
                     Job::Flush => Done::Flushed(store.flush()),
                 };
+                let ok = matches!(done, Done::Committed { .. });
                 if done_tx.send(done).is_err() {
                     return;
                 }
                 let _ = waker.wake();
+                if committed && ok {
+                    // While the loop releases what waited on the commit.
+                    if let Err(e) = store.after_commit() {
+                        log::warn!("storage upkeep after a commit: {e}");
+                    }
+                }
             }
         })?;
         Ok(StoreThread { jobs: Some(job_tx), done: done_rx, thread: Some(thread) })
