@@ -227,7 +227,7 @@ impl Server {
         let job = JobKind::Hash { password: password.to_string(), params: self.hash_params };
         match self.submit_job(now, job, Auth::Register { user: user.to_string(), reply }) {
             Ok(()) => {
-                self.pending(now, reply);
+                self.hashing(now, reply);
                 self.reserved.insert(user.to_string());
                 Step::Later
             }
@@ -252,6 +252,14 @@ impl Server {
     fn pending(&mut self, now: Instant, reply: ReplyTo) {
         if let Slot::Global(key) = reply.slot {
             self.replies.insert(now, key, super::Entry::Pending);
+        }
+    }
+
+    /// As [`Server::pending`], for a request whose password job was submitted: it has earned
+    /// its answer a place in the cache, refusals included.
+    fn hashing(&mut self, now: Instant, reply: ReplyTo) {
+        if let Slot::Global(key) = reply.slot {
+            self.replies.insert(now, key, super::Entry::Hashing);
         }
     }
 
@@ -314,7 +322,7 @@ impl Server {
         let auth = Auth::Login { user: user.to_string(), reply, account, charged: charged.clone() };
         match self.submit_job(now, job, auth) {
             Ok(()) => {
-                self.pending(now, reply);
+                self.hashing(now, reply);
                 Step::Later
             }
             Err(e) => {
@@ -357,7 +365,7 @@ impl Server {
         let job = JobKind::Verify { password: password.to_string(), hash: account.password_hash.clone() };
         match self.submit_job(now, job, Auth::Delete { user, reply, token }) {
             Ok(()) => {
-                self.pending(now, reply);
+                self.hashing(now, reply);
                 if let Some(s) = self.sessions.get_mut(&token) {
                     s.password_job = true;
                 }
@@ -436,7 +444,7 @@ impl Server {
     /// "wrong password" retransmitted is answered, not hashed and counted a second time.
     pub(super) fn forget_error(&mut self, reply: ReplyTo, result: &Result<Response, ErrorCode>) {
         if let (Slot::Global(key), Err(e)) = (reply.slot, result) {
-            if retry_runs_again(e) {
+            if retry_runs_again(e) || self.replies.get(&key) != Some(&super::Entry::Hashing) {
                 self.replies.remove(&key);
             }
         }

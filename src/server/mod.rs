@@ -1108,6 +1108,11 @@ impl Server {
     /// Answers a login or registration with a cookie to repeat it with: stateless, never larger
     /// than the request.
     fn retry(&mut self, now: Instant, r: ReplyTo) {
+        // Stateless: nothing stays of a request told to come back with a cookie, not even the
+        // entry a read it waited for made.
+        if let Slot::Global(key) = r.slot {
+            self.replies.remove(&key);
+        }
         let cookie = self.cookies.make(now, self.rng.as_mut(), r.to);
         let bytes = proto::encode_server(&ServerMsg::Retry { id: r.id, cookie });
         self.stats.retries_sent += 1;
@@ -1167,10 +1172,11 @@ impl Server {
                     s.dedup.remember(r.id, bytes.clone(), batch);
                 }
             }
-            // "Try again" is computed again. Another refusal is kept only for a request that
-            // earned an entry (its password job was submitted: a lost "wrong password" must
-            // not be hashed and counted again); a stranger's refusal leaves nothing behind.
-            Slot::Global(key) if retry || (is_err && self.replies.get(&key).is_none()) => {
+            // "Try again" is computed again. Another refusal is kept only for a request whose
+            // password job was submitted (a lost "wrong password" must not be hashed and
+            // counted again); a stranger's refusal leaves nothing behind, even one that waited
+            // for a read.
+            Slot::Global(key) if retry || (is_err && self.replies.get(&key) != Some(&Entry::Hashing)) => {
                 self.replies.remove(&key)
             }
             Slot::Global(key) => self.replies.insert(now, key, Entry::Done(bytes.clone(), batch)),

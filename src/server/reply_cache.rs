@@ -20,8 +20,11 @@ pub(crate) enum Key {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Entry {
-    /// Being executed (a password job or a commit is under way): retransmissions are ignored.
+    /// Being executed (waiting for a read or a commit): retransmissions are ignored.
     Pending,
+    /// Its password job was submitted: retransmissions are ignored, and the answer is kept
+    /// even when it is a refusal (a lost "wrong password" is not hashed and counted again).
+    Hashing,
     /// The reply, which may leave once batch `.1` has committed.
     Done(Vec<u8>, u64),
 }
@@ -71,7 +74,7 @@ impl ReplyCache {
             if !self.is_live(&old, stamp) {
                 continue;
             }
-            if matches!(self.map.get(&old), Some((Entry::Pending, _, _))) {
+            if matches!(self.map.get(&old), Some((Entry::Pending | Entry::Hashing, _, _))) {
                 self.order.push_back((t, old, stamp));
                 skipped += 1;
             } else {

@@ -286,6 +286,21 @@ fn a_token_nobody_holds_is_looked_up_once_and_lookups_are_throttled() {
     }
 }
 
+/// A logout with a token nobody holds waits for a claim read on a node; its refusal must leave
+/// nothing in the reply cache (security issue, item 3), however many strangers send one.
+#[test]
+fn a_strangers_logout_that_waited_for_a_read_leaves_no_cached_reply() {
+    let mut c = Cluster::new();
+    let h = &mut c.nodes[0];
+    for i in 0..50u8 {
+        let forged = Token([i; 16]);
+        let from: SocketAddr = format!("10.{i}.0.1:4000").parse().unwrap();
+        assert_eq!(h.req(from, Some(forged), RequestBody::Logout), Err(ErrorCode::SessionExpired));
+    }
+    assert!(h.server.stats().reads_by_kind["claim"] >= 50, "each one was looked up");
+    assert_eq!(h.server.replies.len(), 0, "no reply kept for a stranger");
+}
+
 #[test]
 fn the_same_name_registered_on_two_nodes_has_one_winner() {
     let mut c = Cluster::new();
