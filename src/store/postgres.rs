@@ -41,6 +41,7 @@ use super::{
     StoredSession, Write,
 };
 use crate::proto::{Message, Relation, Token};
+use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls, Statement, Transaction};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -547,6 +548,13 @@ impl PgStore {
         match result {
             Ok(v) => Ok(v),
             Err(e) => {
+                // The server forgot the statements while the connection stayed (a pooler in
+                // transaction mode), or a schema change during a rolling upgrade made a plan
+                // stale: prepare them again next time rather than fail every commit.
+                let stale = [SqlState::INVALID_SQL_STATEMENT_NAME, SqlState::FEATURE_NOT_SUPPORTED];
+                if e.code().is_some_and(|c| stale.contains(c)) {
+                    self.conn.stmts = Stmts::default();
+                }
                 self.conn.check();
                 Err(pg(what, e))
             }
