@@ -305,3 +305,22 @@ pub trait Store {
         false
     }
 }
+
+/// Merges two sorted name lists (whom a user follows, who follows them) into one page of
+/// relations, at most `limit`, each name once.
+pub(crate) fn merge_relations(following: Vec<String>, followers: Vec<String>, limit: usize) -> Vec<Relation> {
+    let (mut a, mut b) = (following.into_iter().peekable(), followers.into_iter().peekable());
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let next = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some(x), None) => x.clone(),
+            (None, Some(y)) => y.clone(),
+            (Some(x), Some(y)) => x.min(y).clone(),
+        };
+        let following = a.next_if(|n| *n == next).is_some();
+        let follower = b.next_if(|n| *n == next).is_some();
+        out.push(Relation { user: next, following, follower });
+    }
+    out
+}

@@ -40,7 +40,7 @@ use super::{
     AccountRecord, Claimed, CommitOutcome, Deliveries, Read, ReadResult, Remote, Startup, Store, StoreError,
     StoredSession, Write,
 };
-use crate::proto::{Message, Relation, Token};
+use crate::proto::{Message, Token};
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls, Statement, Transaction};
@@ -896,7 +896,7 @@ impl PgStore {
                     .iter()
                     .map(|r| r.get(0))
                     .collect();
-                Ok(ReadResult::Relations(merge_relations(following, followers, *limit as usize)))
+                Ok(ReadResult::Relations(super::merge_relations(following, followers, *limit as usize)))
             }),
         }
     }
@@ -1049,23 +1049,6 @@ fn message_of(r: &postgres::Row) -> Message {
         text: r.get(3),
         time: r.get::<_, i64>(4).max(0) as u64,
     }
-}
-
-fn merge_relations(following: Vec<String>, followers: Vec<String>, limit: usize) -> Vec<Relation> {
-    let (mut a, mut b) = (following.into_iter().peekable(), followers.into_iter().peekable());
-    let mut out = Vec::new();
-    while out.len() < limit {
-        let next = match (a.peek(), b.peek()) {
-            (None, None) => break,
-            (Some(x), None) => x.clone(),
-            (None, Some(y)) => y.clone(),
-            (Some(x), Some(y)) => x.min(y).clone(),
-        };
-        let following = a.next_if(|n| *n == next).is_some();
-        let follower = b.next_if(|n| *n == next).is_some();
-        out.push(Relation { user: next, following, follower });
-    }
-    out
 }
 
 fn encode_ids(ids: &[u64]) -> Vec<u8> {
@@ -1888,7 +1871,7 @@ mod tests {
 
     #[test]
     fn relations_merge_in_name_order() {
-        let r = merge_relations(vec!["a".into(), "c".into()], vec!["b".into(), "c".into()], 10);
+        let r = crate::store::merge_relations(vec!["a".into(), "c".into()], vec!["b".into(), "c".into()], 10);
         let got: Vec<(String, bool, bool)> =
             r.into_iter().map(|r| (r.user, r.following, r.follower)).collect();
         assert_eq!(got, vec![("a".into(), true, false), ("b".into(), false, true), ("c".into(), true, true)]);

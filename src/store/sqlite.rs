@@ -35,7 +35,7 @@
 //! The SQL is plain (no SQLite-only types but `WITHOUT ROWID`) so it carries over to PostgreSQL.
 
 use super::{AccountRecord, IdMap, Read, ReadResult, Startup, Store, StoreError, StoredSession, Write};
-use crate::proto::{Message, Relation, Token};
+use crate::proto::{Message, Token};
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use std::collections::{HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
@@ -753,20 +753,7 @@ impl SqliteStore {
                     "SELECT follower FROM subscriptions WHERE followed = ?1 AND follower > ?2 \
                      ORDER BY follower LIMIT ?3",
                 )?;
-                let (mut a, mut b) = (following.into_iter().peekable(), followers.into_iter().peekable());
-                let mut out = Vec::new();
-                while out.len() < *limit as usize {
-                    let next = match (a.peek(), b.peek()) {
-                        (None, None) => break,
-                        (Some(x), None) => x.clone(),
-                        (None, Some(y)) => y.clone(),
-                        (Some(x), Some(y)) => x.min(y).clone(),
-                    };
-                    let following = a.next_if(|n| *n == next).is_some();
-                    let follower = b.next_if(|n| *n == next).is_some();
-                    out.push(Relation { user: next, following, follower });
-                }
-                ReadResult::Relations(out)
+                ReadResult::Relations(super::merge_relations(following, followers, *limit as usize))
             }
         })
     }
