@@ -303,6 +303,17 @@ impl Poster {
     }
 }
 
+/// The message ids of every push `sub` has printed so far (`--json`), in order.
+fn pushed_ids(sub: &LiveClient) -> Vec<u64> {
+    sub.stdout
+        .seen
+        .iter()
+        .filter_map(|l| parse(l))
+        .filter(|v| v["type"] == "push")
+        .map(|v| v["id"].as_u64().unwrap())
+        .collect()
+}
+
 fn run_for(
     posters: &mut [Poster],
     sub: &mut LiveClient,
@@ -383,19 +394,10 @@ fn nothing_acknowledged_is_lost_when_a_node_dies_or_the_database_cuts_connection
         .iter()
         .flat_map(|p| p.texts.iter().zip(&p.outcomes).filter_map(|(t, o)| o.map(|id| (id, t.clone()))))
         .collect();
-    let pushed = |sub: &LiveClient| -> Vec<u64> {
-        sub.stdout
-            .seen
-            .iter()
-            .filter_map(|l| parse(l))
-            .filter(|v| v["type"] == "push")
-            .map(|v| v["id"].as_u64().unwrap())
-            .collect()
-    };
     let end = Instant::now() + WAIT;
     while Instant::now() < end {
         sub.stdout.wait_for(Duration::from_millis(100), |_| false);
-        let shown: BTreeSet<u64> = pushed(&sub).into_iter().collect();
+        let shown: BTreeSet<u64> = pushed_ids(&sub).into_iter().collect();
         if acked_ids.keys().all(|id| shown.contains(id)) {
             break;
         }
@@ -435,7 +437,7 @@ fn nothing_acknowledged_is_lost_when_a_node_dies_or_the_database_cuts_connection
             problems.push(format!("{t} is stored {n} times"));
         }
     }
-    let shown = pushed(&sub);
+    let shown = pushed_ids(&sub);
     let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
     for id in &shown {
         *counts.entry(*id).or_default() += 1;
@@ -507,20 +509,11 @@ fn a_client_whose_node_is_killed_moves_on_and_misses_nothing() {
         == ps[0].texts.len()));
     let acked: Vec<u64> = posters[0].outcomes.iter().flatten().copied().collect();
     assert!(acked.len() > 40, "{} posts acknowledged", acked.len());
-    let shown = |sub: &LiveClient| -> Vec<u64> {
-        sub.stdout
-            .seen
-            .iter()
-            .filter_map(|l| parse(l))
-            .filter(|v| v["type"] == "push")
-            .map(|v| v["id"].as_u64().unwrap())
-            .collect()
-    };
     let end = Instant::now() + WAIT;
-    while Instant::now() < end && !acked.iter().all(|id| shown(&sub).contains(id)) {
+    while Instant::now() < end && !acked.iter().all(|id| pushed_ids(&sub).contains(id)) {
         sub.stdout.wait_for(Duration::from_millis(100), |_| false);
     }
-    let seen = shown(&sub);
+    let seen = pushed_ids(&sub);
     let missing: Vec<&u64> = acked.iter().filter(|id| !seen.contains(id)).collect();
     assert!(missing.is_empty(), "acknowledged posts never shown: {missing:?}");
     let mut sorted = seen.clone();
