@@ -18,15 +18,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// The interpreter, or `None` (after saying why) when python3 is missing and this is not CI.
 fn python() -> Option<&'static str> {
-    let available = Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !available {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("python3 is not installed, and CI=true: the Python client tests need it");
-        }
-        eprintln!("SKIPPED: python3 is not installed; the Python client tests need it");
-        return None;
-    }
-    Some("python3")
+    tool_available("python3", "--version", "the Python client tests").then_some("python3")
 }
 
 fn script() -> PathBuf {

@@ -33,12 +33,7 @@ impl Tmux {
     /// Runs `argv` with `env` in a fresh 160x50 pane. `None` (after saying why) when tmux is not
     /// installed and this is not CI.
     fn start(argv: &[String], env: &[(&str, &str)]) -> Option<Tmux> {
-        let available = Command::new("tmux").arg("-V").output().is_ok_and(|o| o.status.success());
-        if !available {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("tmux is not installed, and CI=true: .ci/run installs it");
-            }
-            eprintln!("SKIPPED: tmux is not installed (apt-get install tmux); the REPL tests need it");
+        if !tool_available("tmux", "-V", "the REPL tests") {
             return None;
         }
         let dir = TempDir::new("tmux");

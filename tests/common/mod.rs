@@ -396,3 +396,17 @@ impl Drop for DaemonProcess {
         self.kill();
     }
 }
+
+/// Whether `program` runs (`program arg` succeeds). Under `CI=true` a missing one fails the test,
+/// since .ci/run installs it; elsewhere the test says it is skipped and why.
+#[allow(dead_code)] // not every test binary needs an external tool
+pub fn tool_available(program: &str, arg: &str, needed_by: &str) -> bool {
+    if Command::new(program).arg(arg).output().is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{program} is not installed, and CI=true: .ci/run installs it for {needed_by}");
+    }
+    eprintln!("SKIPPED: {program} is not installed; {needed_by} need it");
+    false
+}
